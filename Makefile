@@ -1,0 +1,47 @@
+# Set-up, tests, benchmarks and the demo. Everything runs inside .venv/.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SYSDEPS := libusb-1.0-0 libgl1 libegl1 libosmesa6
+export PYOPENGL_PLATFORM ?= osmesa
+
+.PHONY: install sysdeps test lint bench demo clean
+
+install: $(VENV)/.installed
+
+# open3d needs libusb at import time; pyrender needs OSMesa (CPU) or EGL (GPU) for offscreen rendering.
+sysdeps:
+	@missing=""; for p in $(SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing system libraries; run: sudo apt-get install -y$$missing"; exit 1; fi; \
+	fi
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(MAKE) sysdeps
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch; a bare `torch` would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# pyrender pins PyOpenGL 3.1.0, which lacks OSMesaCreateContextAttribs and cannot render headless;
+	# 3.1.7+ works with pyrender's code, so install it after pyrender (pip warns about the pin; that is expected).
+	$(BIN)/pip install -q 'PyOpenGL>=3.1.7'
+	touch $@
+
+lint: install
+	$(BIN)/ruff check wt_datagen wt_model tests
+
+test: install lint
+	$(BIN)/pytest -q tests
+
+bench: install
+	$(BIN)/python -m tests.bench
+
+demo: install
+	$(BIN)/wt-datagen make-assets demo/assets
+	$(BIN)/wt-datagen render demo/assets --config render_configs/debug.yaml --out demo/shards
+	$(BIN)/wt-datagen inspect demo/shards --validate
+
+clean:
+	rm -rf $(VENV) demo
