@@ -349,3 +349,13 @@ def test_zero_area_faces_are_never_hit():
 def test_bad_cameras_raise_a_clear_error(K, T, message):
     with pytest.raises(ValueError, match=message):
         Camera(K, T, 16, 16)
+
+
+def test_look_at_orientation_and_projection():
+    cam = Camera.look_at((0, 0, -5), (0, 0, 0), up=(0, 1, 0), width=100, height=80, fov_y_deg=60)
+    u, v = cam.project(cam.world_to_camera(np.array([[0, 1.0, 0], [1.0, 0, 0], [0, 0, 0]]))).T
+    assert v[0] < 40 and abs(u[0] - 50) < 1e-9  # world up is image up
+    assert u[1] < 50  # world +x is image left when looking along +z with y up (right-handed world)
+    assert np.allclose([u[2], v[2]], [50, 40])
+    np.testing.assert_allclose(cam.center, (0, 0, -5))
+    np.testing.assert_allclose(np.linalg.det(cam.rotation), 1)

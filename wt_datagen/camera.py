@@ -73,7 +73,7 @@ class Camera:
         if np.linalg.norm(z) == 0:
             raise ValueError("camera: eye and target coincide")
         z = z / np.linalg.norm(z)
-        x = np.cross(z, -up)  # OpenCV: y points down, so "up" is -y
+        x = np.cross(z, up)  # right = forward x up; OpenCV's y (down) then completes the frame
         if np.linalg.norm(x) < 1e-9:
             raise ValueError("camera: up vector is parallel to the viewing direction")
         x = x / np.linalg.norm(x)

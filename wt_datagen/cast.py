@@ -1,19 +1,20 @@
 """The layered ray caster: every front-to-back surface crossing of every pixel's ray.
 
 An engine (Open3D's multi-threaded ``list_intersections`` by default, or embreex) proposes candidate
-(ray, face) hits; ``_resolve`` then decides each candidate exactly and sorts them (see its docstring for the
-rule that removes duplicate reports at shared edges and keeps grazes even). Geometry is held in float32, as
-the engines hold it, and the exact test runs on those same float32 coordinates in float64 arithmetic.
+(ray, face) hits; ``_kernels.resolve_layers`` then decides each candidate exactly and sorts them (its module
+docstring gives the rule that removes duplicate reports at shared edges and keeps grazes even). Geometry is
+held in float32, as the engines hold it, and the exact test runs on those float32 coordinates in float64.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import trimesh
 
-from ._resolve import count_candidates, resolve_layers
+from ._kernels import count_candidates, pinhole_rays, resolve_layers
 from .camera import Camera
 
 # A hit whose barycentric coordinate is below this is near its triangle's border: the faces around its
@@ -110,9 +111,11 @@ class LayeredRaycaster:
         meshes: a trimesh.Trimesh, a list of them (one instance each), or a trimesh.Scene (one instance per
             geometry node, its transform applied).
         backend: "open3d" (multi-threaded, default) or "embree" (embreex, one thread).
+        num_threads: threads for casting, 0 for all cores (use 1 in each of several worker processes).
     """
 
-    def __init__(self, meshes, backend: str = "open3d"):
+    def __init__(self, meshes, backend: str = "open3d", num_threads: int = 0):
+        self.num_threads = int(num_threads)
         inst = _instances(meshes)
         arrays = [_checked_arrays(name, mesh, T) for name, mesh, T in inst]
         self.instance_names = [name for name, _, _ in inst]
@@ -137,7 +140,7 @@ class LayeredRaycaster:
         self._star_idx = (order // 3).astype(np.int64)
         self._star_ptr = np.concatenate([[0], np.cumsum(np.bincount(corner_vertex, minlength=self._vmerge.max() + 1))])
         if backend == "open3d":
-            self._engine = _Open3DEngine(verts32, self._faces, self._body_groups(self._vmerge))
+            self._engine = _Open3DEngine(verts32, self._faces, self._body_groups(self._vmerge), self.num_threads)
         elif backend == "embree":
             self._engine = _EmbreeEngine(verts32, self._faces, self.face_offset)
         else:
@@ -170,9 +173,12 @@ class LayeredRaycaster:
 
     def cast(self, camera: Camera, num_layers: int) -> Hits:
         """Layered crossings of every pixel's ray, front to back, arrays shaped (K, H, W, ...)."""
-        cam_dirs = camera.pixel_rays().reshape(-1, 3)
-        world_dirs = cam_dirs @ camera.rotation
-        hits = self._cast(camera.center[None], world_dirs, np.zeros((1, 3)), cam_dirs, camera.rotation, num_layers)
+        n = camera.width * camera.height
+        cam_dirs, world_dirs, rays32 = np.empty((n, 3)), np.empty((n, 3)), np.empty((n, 6), np.float32)
+        pinhole_rays(camera.K, camera.rotation, camera.center, camera.width, camera.height,
+                     cam_dirs, world_dirs, rays32)
+        hits = self._cast(camera.center[None], world_dirs, rays32, np.zeros((1, 3)), cam_dirs, camera.rotation,
+                          num_layers)
         H, W = camera.height, camera.width
         return Hits(**{k: _to_image(v, k, H, W) for k, v in hits.items()})
 
@@ -187,12 +193,26 @@ class LayeredRaycaster:
             raise ValueError(f"cast_rays: {len(o)} origins for {len(d)} directions")
         if not (np.isfinite(o).all() and np.isfinite(d).all()) or (np.abs(d).max(axis=1) == 0).any():
             raise ValueError("cast_rays: origins and directions must be finite and directions non-zero")
-        return Hits(**self._cast(o, d, o, d, np.eye(3), num_layers))
+        rays32 = np.empty((len(d), 6), np.float32)
+        rays32[:, :3] = o
+        rays32[:, 3:] = d
+        return Hits(**self._cast(o, d, rays32, o, d, np.eye(3), num_layers))
 
-    def _cast(self, origins, dirs, out_origins, out_dirs, out_rot, num_layers: int) -> dict:
+    def _cast(self, origins, dirs, rays32, out_origins, out_dirs, out_rot, num_layers: int) -> dict:
+        """Engine hits for ``rays32`` (R, 6) float32, resolved exactly on the float64 rays (origins, dirs)."""
         if int(num_layers) < 1:
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
         K, R = int(num_layers), len(dirs)
+        threads = numba.get_num_threads()
+        numba.set_num_threads(self.num_threads or numba.config.NUMBA_NUM_THREADS)
+        try:
+            out = self._cast_chunks(origins, dirs, rays32, out_origins, out_dirs, out_rot, K, R)
+        finally:
+            numba.set_num_threads(threads)
+        out["valid"] = np.arange(K)[:, None] < out["num_hits"][None]
+        return out
+
+    def _cast_chunks(self, origins, dirs, rays32, out_origins, out_dirs, out_rot, K: int, R: int) -> dict:
         out = {  # invalid slots keep these fill values; the kernel writes valid ones only
             "depth": np.zeros((K, R), np.float32), "xyz": np.zeros((K, R, 3), np.float32),
             "normal": np.zeros((K, R, 3), np.float32), "front_facing": np.zeros((K, R), np.bool_),
@@ -203,7 +223,7 @@ class LayeredRaycaster:
             e = min(s + CHUNK_RAYS, R)
             o = origins if len(origins) == 1 else origins[s:e]
             xo = out_origins if len(out_origins) == 1 else out_origins[s:e]
-            splits, geom, prim, uv = self._engine.hits(o, dirs[s:e])
+            splits, geom, prim, uv = self._engine.hits(rays32[s:e])
             counts = np.empty(e - s, np.int64)
             eng = self._engine
             count_candidates(splits, geom, prim, uv, eng.geom_face_offset, eng.geom_faces, self._faces,
@@ -220,7 +240,6 @@ class LayeredRaycaster:
                 out["depth"][:, s:e], out["xyz"][:, s:e], out["normal"][:, s:e], out["front_facing"][:, s:e],
                 out["face_id"][:, s:e], out["instance_id"][:, s:e], out["bary"][:, s:e], out["num_hits"][s:e],
             )
-        out["valid"] = np.arange(K)[:, None] < out["num_hits"][None]
         return out
 
 
@@ -234,10 +253,11 @@ def _to_image(a: np.ndarray, key: str, H: int, W: int) -> np.ndarray:
 class _Open3DEngine:
     """All hits per ray from Open3D's ``list_intersections``; faces are split into geometries by ``group``."""
 
-    def __init__(self, verts32: np.ndarray, faces: np.ndarray, group: np.ndarray):
+    def __init__(self, verts32: np.ndarray, faces: np.ndarray, group: np.ndarray, num_threads: int = 0):
         import open3d as o3d
 
         self._o3c = o3d.core
+        self.num_threads = num_threads
         self._scene = o3d.t.geometry.RaycastingScene()
         # geom_faces[geom_face_offset[g] + prim] is the global face of primitive prim of geometry g.
         self.geom_faces = np.argsort(group, kind="stable")
@@ -253,12 +273,9 @@ class _Open3DEngine:
                 self.geom_face_offset = np.resize(self.geom_face_offset, gid + 1)
             self.geom_face_offset[gid] = starts[g]
 
-    def hits(self, origins: np.ndarray, dirs: np.ndarray):
+    def hits(self, rays32: np.ndarray):
         """CSR ray splits (R+1,) int64, geometry and primitive ids (M,) uint32, barycentrics (M, 2) float32."""
-        rays = np.empty((len(dirs), 6), np.float32)
-        rays[:, :3] = origins
-        rays[:, 3:] = dirs
-        res = self._scene.list_intersections(self._o3c.Tensor(rays))
+        res = self._scene.list_intersections(self._o3c.Tensor(rays32), nthreads=self.num_threads)
         splits = res["ray_splits"].numpy().astype(np.int64)
         return splits, res["geometry_ids"].numpy(), res["primitive_ids"].numpy(), res["primitive_uvs"].numpy()
 
@@ -285,12 +302,13 @@ class _EmbreeEngine:
         self.geom_faces = np.arange(len(faces))
         self._step = 1e-6 * float(np.linalg.norm(verts32.max(0).astype(np.float64) - verts32.min(0)))
 
-    def hits(self, origins: np.ndarray, dirs: np.ndarray):
-        R = len(dirs)
+    def hits(self, rays32: np.ndarray):
+        R = len(rays32)
+        origins, dirs = rays32[:, :3].astype(np.float64), rays32[:, 3:].astype(np.float64)
         unit = np.linalg.norm(dirs, axis=1)
         rid, geom, prim, uv = [], [], [], []
         for g, scene in enumerate(self._scenes):
-            org = np.broadcast_to(origins, (R, 3)).astype(np.float64)
+            org = origins.copy()
             active = np.arange(R)
             for _ in range(self.MAX_ROUNDS):
                 if not len(active):

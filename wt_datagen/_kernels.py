@@ -1,4 +1,5 @@
-"""Numba kernels that turn an engine's raw hit lists into exact, sorted, de-duplicated layers.
+"""Numba kernels of the caster: pinhole ray generation, and the resolution of an engine's raw hit lists into
+exact, sorted, de-duplicated layers.
 
 Ray engines report candidate (ray, face) pairs: Open3D's ``list_intersections`` unsorted and sometimes twice for
 one crossing at a shared edge (or once for a silhouette graze), embree one hit per call. These kernels decide
@@ -37,6 +38,27 @@ def _edge_sign(px: float, py: float, qx: float, qy: float) -> int:
     if qx != px:  # second-order term d^2 * (qx - px)
         return 1 if qx > px else -1
     return 0
+
+
+@njit(cache=True, parallel=True)
+def pinhole_rays(K, R, center, width, height, cam_dirs, world_dirs, rays32):
+    """Rays through pixel centres, row-major: ``cam_dirs`` (N, 3) = K^-1 (u + .5, v + .5, 1) (z exactly 1),
+    ``world_dirs`` (N, 3) = R^T cam_dirs, and ``rays32`` (N, 6) float32 (origin, direction) for the engine."""
+    fx, s, cx = K[0, 0], K[0, 1], K[0, 2]
+    fy, cy = K[1, 1], K[1, 2]
+    for v in prange(height):
+        y = (v + 0.5 - cy) / fy
+        for u in range(width):
+            i = v * width + u
+            x = (u + 0.5 - cx - s * y) / fx
+            cam_dirs[i, 0] = x
+            cam_dirs[i, 1] = y
+            cam_dirs[i, 2] = 1.0
+            for c in range(3):
+                w = R[0, c] * x + R[1, c] * y + R[2, c]
+                world_dirs[i, c] = w
+                rays32[i, c] = center[c]
+                rays32[i, 3 + c] = w
 
 
 @njit(cache=True, parallel=True)
@@ -85,6 +107,9 @@ def resolve_layers(
         # Plain scalar indexing only: array views in a prange body cost an atomic refcount each.
         oi = r - r if one_origin else r  # r - r keeps the prange index type (0 would unify to float)
         xi = r - r if one_out_origin else r
+        if splits[r] == splits[r + 1]:
+            num_hits[r] = 0
+            continue
         base = cand_ptr[r]
         # Gather candidate faces.
         n = 0

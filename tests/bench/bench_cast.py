@@ -1,0 +1,131 @@
+"""Caster speed: the raw Open3D call, this caster end to end, and trimesh multiple_hits, on the same rays.
+
+Run: `make bench` (or `.venv/bin/python -m tests.bench cast`). Timings are medians of interleaved repeats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import trimesh
+
+from wt_datagen import Camera, LayeredRaycaster
+
+RES, K, REPEATS = 512, 8, 5
+
+
+def big_scene() -> trimesh.Scene:
+    """About 330k triangles: nested icospheres and tori scattered on a floor (up to ~12 layers deep)."""
+    rng = np.random.default_rng(0)
+    scene = trimesh.Scene()
+    scene.add_geometry(trimesh.creation.box(extents=(8, 0.1, 8)), node_name="floor")
+    for i in range(4):
+        for r in (1.0, 0.7):
+            s = trimesh.creation.icosphere(subdivisions=5, radius=r * 0.6)  # 20480 faces
+            T = np.eye(4)
+            T[:3, 3] = (-2.5 + 1.7 * i, 0.7, -1.0)
+            scene.add_geometry(s, node_name=f"shell{i}_{r}", transform=T)
+    for i in range(6):
+        t = trimesh.creation.torus(0.5, 0.15, major_sections=160, minor_sections=80)  # 25600 faces
+        T = trimesh.transformations.rotation_matrix(rng.uniform(0, np.pi), rng.normal(size=3))
+        T[:3, 3] = (-2.5 + 1.0 * i, 0.6, 1.2)
+        scene.add_geometry(t, node_name=f"torus{i}", transform=T)
+    return scene
+
+
+def monastery() -> trimesh.Scene:
+    import pybullet_data
+
+    return trimesh.load(os.path.join(pybullet_data.getDataPath(), "samurai_monastry.obj"), force="scene")
+
+
+def camera_for(rc: LayeredRaycaster, res: int) -> Camera:
+    lo, hi = rc.bounds
+    c = (lo + hi) / 2
+    return Camera.look_at(c + (hi - lo) * (0.7, 0.6, 0.9), c, up=(0, 1, 0), width=res, height=res, fov_y_deg=55)
+
+
+def median_ms(fn, repeats=REPEATS) -> float:
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(ts))
+
+
+def bench_scene(name: str, scene: trimesh.Scene) -> dict:
+    import open3d as o3d
+
+    n_faces = sum(len(g.faces) for g in scene.geometry.values())
+    t = time.perf_counter()
+    rc = LayeredRaycaster(scene)
+    build_ms = 1e3 * (time.perf_counter() - t)
+    cam = camera_for(rc, RES)
+    d = cam.pixel_rays().reshape(-1, 3) @ cam.rotation
+    rays = o3d.core.Tensor(np.concatenate([np.broadcast_to(cam.center, d.shape), d], 1).astype(np.float32))
+    # The baseline: Open3D as one would use it, one geometry per instance (ours splits instances into bodies).
+    plain = o3d.t.geometry.RaycastingScene()
+    for s, e in zip(rc.face_offset[:-1], rc.face_offset[1:]):
+        f = rc._faces[s:e]
+        used, local = np.unique(f, return_inverse=True)
+        plain.add_triangles(o3d.core.Tensor(rc._verts[used].astype(np.float32)),
+                            o3d.core.Tensor(local.reshape(-1, 3).astype(np.uint32)))
+    rc.cast(cam, K)  # compile / warm up
+    hits = rc.cast(cam, K)
+    row = {"scene": name, "faces": n_faces, "build_ms": build_ms, "geometries": len(rc._engine.geom_face_offset),
+           "mean_hits": float(hits.num_hits.mean()), "max_hits": int(hits.num_hits.max())}
+    raw, ours = [], []
+    for _ in range(REPEATS):  # interleaved, so that machine noise hits both alike
+        raw.append(median_ms(lambda: plain.list_intersections(rays), 1))
+        ours.append(median_ms(lambda: rc.cast(cam, K), 1))
+    row["raw_ms"], row["caster_ms"] = float(np.median(raw)), float(np.median(ours))
+    # One thread each: CPU cost, steadier than wall time on a shared machine.
+    rc.num_threads = rc._engine.num_threads = 1
+    raw1 = [median_ms(lambda: plain.list_intersections(rays, nthreads=1), 3)]
+    ours1 = [median_ms(lambda: rc.cast(cam, K), 3)]
+    row["raw_1t_ms"], row["caster_1t_ms"] = float(np.median(raw1)), float(np.median(ours1))
+    mesh = scene.to_geometry() if hasattr(scene, "to_geometry") else scene.dump(concatenate=True)
+    origins = np.broadcast_to(cam.center, d.shape)
+    row["trimesh_ms"] = median_ms(lambda: mesh.ray.intersects_location(origins, d, multiple_hits=True), 1)
+    return row
+
+
+def peak_memory_mb(res: int = 1024) -> dict:
+    """Peak resident memory of a fresh process casting the big scene at res x res, K=8."""
+    code = (
+        "import resource, json; from tests.bench.bench_cast import big_scene, camera_for;"
+        "from wt_datagen import LayeredRaycaster; rc = LayeredRaycaster(big_scene());"
+        f"cam = camera_for(rc, {res}); rc.cast(cam, 1);"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        f"h = rc.cast(cam, {K});"
+        "print(json.dumps([base / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    base, peak = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"res": res, "before_cast_mb": base, "peak_mb": peak}
+
+
+def main() -> None:
+    print(f"\n## caster: {RES}x{RES} rays, K={K}, median of {REPEATS} interleaved runs")
+    print("| scene | faces | mean/max hits | build ms | raw list_intersections ms | caster ms | caster/raw "
+          "| 1-thread raw ms | 1-thread caster ms | 1-thread ratio | trimesh multiple_hits ms | trimesh/caster |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, scene in [("spheres+tori (synthetic)", big_scene()), ("samurai_monastry (pybullet_data)", monastery())]:
+        r = bench_scene(name, scene)
+        print(f"| {r['scene']} | {r['faces']} | {r['mean_hits']:.2f}/{r['max_hits']} | {r['build_ms']:.0f} "
+              f"| {r['raw_ms']:.1f} | {r['caster_ms']:.1f} | {r['caster_ms'] / r['raw_ms']:.2f} "
+              f"| {r['raw_1t_ms']:.1f} | {r['caster_1t_ms']:.1f} | {r['caster_1t_ms'] / r['raw_1t_ms']:.2f} "
+              f"| {r['trimesh_ms']:.0f} | {r['trimesh_ms'] / r['caster_ms']:.1f} |")
+    m = peak_memory_mb()
+    print(f"\npeak memory, {m['res']}x{m['res']} K={K} on the synthetic scene: {m['peak_mb']:.0f} MB "
+          f"({m['before_cast_mb']:.0f} MB before the cast: interpreter, libraries, scene)")
+
+
+if __name__ == "__main__":
+    main()
