@@ -1,0 +1,251 @@
+"""The RGB input image, pixel-aligned with layer 0 of the caster.
+
+Two ways to make it:
+- ``mode="pyrender"``: lit, textured rasterisation through pyrender, offscreen (OSMesa on a CPU machine,
+  EGL where a GPU exists). The OpenCV camera becomes an OpenGL projection with exactly the same intrinsics:
+  in both conventions pixel (u, v) has its centre at (u + 0.5, v + 0.5), so no half-pixel shift is needed.
+- ``mode="raytrace"``: shading of the caster's layer 0 (texture looked up through face id + barycentric
+  coordinates), a fallback for machines without OpenGL. It needs no GL and never fails on odd visuals.
+
+Both treat every surface as opaque and double-sided, as the caster does.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import trimesh
+
+from .camera import Camera
+
+AMBIENT = 0.3  # share of light that does not depend on the normal
+DEFAULT_COLOUR = (0.8, 0.8, 0.8)  # surfaces without colour (pyrender's default material is white-ish too)
+
+
+class GLUnavailable(RuntimeError):
+    """Offscreen OpenGL cannot be used here (no OSMesa/EGL library, no context)."""
+
+
+def _choose_gl_platform() -> None:
+    """Pick a headless PyOpenGL platform unless the user chose one: EGL with a GPU, else OSMesa."""
+    if "PYOPENGL_PLATFORM" in os.environ or os.environ.get("DISPLAY"):
+        return
+    gpu = os.path.exists("/dev/nvidia0") or glob.glob("/dev/dri/renderD*")
+    os.environ["PYOPENGL_PLATFORM"] = "egl" if gpu else "osmesa"
+
+
+def _pyrender():
+    _choose_gl_platform()
+    try:
+        import pyrender
+    except Exception as e:  # a missing GL library surfaces as ImportError, AttributeError, OSError...
+        raise GLUnavailable(f"pyrender/OpenGL unavailable ({type(e).__name__}: {e})") from None
+    return pyrender
+
+
+_RENDERERS: dict = {}  # (width, height) -> OffscreenRenderer: creating one is slow
+# (width, height) -> (meshes, pyrender.Scene) for the last mesh list: views of one asset share its upload
+# (GL buffers belong to one renderer's context, hence one scene per renderer)
+_SCENES: dict = {}
+_OWNER = [os.getpid()]  # a forked worker must not reuse its parent's GL contexts
+
+
+def _renderer(width: int, height: int):
+    pyrender = _pyrender()
+    if _OWNER[0] != os.getpid():
+        _RENDERERS.clear()
+        _SCENES.clear()
+        _OWNER[0] = os.getpid()
+    key = (width, height)
+    if key not in _RENDERERS:
+        try:
+            _RENDERERS[key] = pyrender.OffscreenRenderer(width, height)
+        except Exception as e:
+            platform = os.environ.get("PYOPENGL_PLATFORM", "default")
+            raise GLUnavailable(
+                f"no offscreen OpenGL context ({platform}: {type(e).__name__}: {e})"
+            ) from None
+    return _RENDERERS[key]
+
+
+def _scene(meshes: list[trimesh.Trimesh], key: tuple[int, int]):
+    """A pyrender scene of the meshes: opaque, double-sided materials; cached for the same mesh objects."""
+    cached = _SCENES.get(key)
+    if cached and len(cached[0]) == len(meshes) and all(a is b for a, b in zip(cached[0], meshes)):
+        return cached[1]
+    pyrender = _pyrender()
+    scene = pyrender.Scene(ambient_light=np.full(3, AMBIENT))
+    for mesh in meshes:
+        # face colours cannot be smooth-shaded in pyrender; everything else uses vertex normals
+        try:
+            pm = pyrender.Mesh.from_trimesh(mesh, smooth=mesh.visual.kind != "face")
+        except Exception:  # visuals pyrender cannot take (odd materials): the geometry, plain grey
+            pm = pyrender.Mesh.from_trimesh(trimesh.Trimesh(mesh.vertices, mesh.faces, process=False))
+        for prim in pm.primitives:
+            # the caster sees every surface: no transparency, no back-face culling
+            prim.material.alphaMode = "OPAQUE"
+            prim.material.doubleSided = True
+        scene.add(pm)
+    _SCENES[key] = (list(meshes), scene)
+    return scene
+
+
+def _near_far(meshes: list[trimesh.Trimesh], camera: Camera, hits=None) -> tuple[float, float] | None:
+    """Clip planes bracketing the meshes' bounding box in camera z (None if it is all behind the camera).
+
+    A tight range keeps the 24-bit depth buffer precise. With ``hits`` the near plane sits just before the
+    nearest layer-0 surface; otherwise at most 1000x closer than the far plane.
+    """
+    lo = np.min([m.bounds[0] for m in meshes], axis=0)
+    hi = np.max([m.bounds[1] for m in meshes], axis=0)
+    corners = np.stack(np.meshgrid(*zip(lo, hi), indexing="ij"), -1).reshape(-1, 3)
+    z = camera.world_to_camera(corners)[:, 2]
+    far = float(z.max()) * 1.01
+    if far <= 0:
+        return None
+    near = max(float(z.min()) * 0.99, far * 1e-3)
+    if hits is not None and hits.valid[0].any():
+        near = min(near, float(hits.depth[0][hits.valid[0]].min()) * 0.99)
+    return near, far
+
+
+def _render_gl(meshes, camera: Camera, background, depth_only: bool, hits=None):
+    pyrender = _pyrender()
+    renderer = _renderer(camera.width, camera.height)
+    clip = _near_far(meshes, camera, hits)
+    if clip is None:  # nothing in front of the camera
+        return None
+    scene = _scene(meshes, (camera.width, camera.height))
+    scene.bg_color = np.append(np.asarray(background, dtype=np.float64) / 255.0, 1.0)
+    K = camera.K
+    cam = pyrender.IntrinsicsCamera(K[0, 0], K[1, 1], K[0, 2], K[1, 2], znear=clip[0], zfar=clip[1])
+    if K[0, 1] != 0:  # skew: pyrender's projection has no term for it
+        projection = cam.get_projection_matrix(camera.width, camera.height)
+        projection[0, 1] = -2.0 * K[0, 1] / camera.width  # OpenGL y is OpenCV -y
+        cam.get_projection_matrix = lambda width=None, height=None: projection
+    # OpenCV (x right, y down, z forward) to OpenGL camera axes (x right, y up, z backward)
+    pose = camera.cam_to_world @ np.diag([1.0, -1.0, -1.0, 1.0])
+    nodes = [scene.add(cam, pose=pose)]
+    scene.main_camera_node = nodes[0]
+    flags = pyrender.RenderFlags.SKIP_CULL_FACES
+    if depth_only:
+        flags |= pyrender.RenderFlags.DEPTH_ONLY
+    else:  # a head light: every visible surface is lit
+        nodes.append(scene.add(pyrender.DirectionalLight(color=np.ones(3), intensity=3.0), pose=pose))
+    try:
+        return renderer.render(scene, flags=flags)
+    except Exception as e:
+        raise GLUnavailable(f"offscreen OpenGL render failed ({type(e).__name__}: {e})") from None
+    finally:
+        for node in nodes:
+            scene.remove_node(node)
+
+
+def render_rgb(
+    meshes: list[trimesh.Trimesh],
+    camera: Camera,
+    background=(0, 0, 0),
+    mode: str = "pyrender",
+    hits=None,
+) -> np.ndarray:
+    """(H, W, 3) uint8 image of the meshes (world coordinates) seen by ``camera``.
+
+    background: RGB in 0..255. mode: "pyrender" (needs OpenGL; raises :class:`GLUnavailable` without it)
+    or "raytrace" (needs ``hits``, the caster's :class:`~wt_datagen.cast.Hits` for this camera and these
+    meshes, in the same order). pyrender keeps the uploaded scene for the same mesh objects, so do not
+    modify meshes in place between calls (transform copies, or transform before the first call).
+    """
+    bg = np.clip(np.asarray(background, dtype=np.float64).reshape(3), 0, 255)
+    if mode == "raytrace":
+        if hits is None:
+            raise ValueError("render_rgb: mode 'raytrace' needs the caster's hits")
+        return shade_layer0(meshes, camera, hits, bg)
+    if mode != "pyrender":
+        raise ValueError(f"render_rgb: mode must be 'pyrender' or 'raytrace', got {mode!r}")
+    out = _render_gl(meshes, camera, bg, depth_only=False, hits=hits)
+    if out is None:
+        return np.broadcast_to(bg.round().astype(np.uint8), (camera.height, camera.width, 3)).copy()
+    return np.ascontiguousarray(out[0][..., :3])
+
+
+def render_depth(meshes: list[trimesh.Trimesh], camera: Camera) -> np.ndarray:
+    """(H, W) float32 camera z from pyrender's depth buffer, 0 for background (for alignment checks)."""
+    out = _render_gl(meshes, camera, (0, 0, 0), depth_only=True)
+    if out is None:
+        return np.zeros((camera.height, camera.width), np.float32)
+    return np.asarray(out, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ray-traced fallback
+
+
+def _sample_bilinear(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """(N, C) samples of an (h, w, C) float32 image at (N, 2) uv (v up, texture repeats), texel centres."""
+    h, w = image.shape[:2]
+    flat = image.reshape(h * w, -1)
+    uv = np.nan_to_num(uv.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    x = uv[:, 0] * w - 0.5
+    y = (1.0 - uv[:, 1]) * h - 0.5
+    x0, y0 = np.floor(x), np.floor(y)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+    x0, y0 = x0.astype(np.int64) % w, y0.astype(np.int64) % h
+    x1, y1 = (x0 + 1) % w, (y0 + 1) % h
+    top = flat[y0 * w + x0] * (1 - fx) + flat[y0 * w + x1] * fx
+    bottom = flat[y1 * w + x0] * (1 - fx) + flat[y1 * w + x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _surface_colour(mesh: trimesh.Trimesh, face: np.ndarray, bary: np.ndarray) -> np.ndarray:
+    """(N, 3) float RGB in 0..1 of the mesh's surface at (N,) faces and (N, 2) barycentric coordinates."""
+    n = len(face)
+    face = np.clip(face, 0, max(len(mesh.faces) - 1, 0))
+    w = np.column_stack([1.0 - bary[:, 0] - bary[:, 1], bary[:, 0], bary[:, 1]])  # (N, 3) vertex weights
+    tri = np.asarray(mesh.faces)[face]  # (N, 3) vertex indices
+    visual = mesh.visual
+    kind = visual.kind
+    if kind == "texture":
+        material = visual.material
+        if isinstance(material, trimesh.visual.material.PBRMaterial):
+            image, factor = material.baseColorTexture, material.baseColorFactor
+        else:
+            image, factor = getattr(material, "image", None), getattr(material, "diffuse", None)
+        factor = np.ones(3) if factor is None else np.asarray(factor, dtype=np.float64)[:3] / 255.0
+        uv = visual.uv
+        if image is None or uv is None or len(uv) != len(mesh.vertices):
+            return np.broadcast_to(factor, (n, 3)).copy()
+        texels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        uv_hit = np.einsum("nkc,nk->nc", np.asarray(uv, dtype=np.float64)[tri], w)
+        return _sample_bilinear(texels, uv_hit) * factor
+    if kind == "vertex":
+        colours = np.asarray(visual.vertex_colors, dtype=np.float64)[:, :3] / 255.0
+        return np.einsum("nkc,nk->nc", colours[tri], w)
+    if kind == "face":
+        return np.asarray(visual.face_colors, dtype=np.float64)[face, :3] / 255.0
+    return np.broadcast_to(np.asarray(DEFAULT_COLOUR), (n, 3)).copy()
+
+
+def shade_layer0(meshes: list[trimesh.Trimesh], camera: Camera, hits, background) -> np.ndarray:
+    """(H, W, 3) uint8 Lambert shading (head light, ``AMBIENT`` ambient) of the caster's layer 0.
+
+    hits: the caster's Hits for ``camera`` on ``meshes`` (instance ids index ``meshes``). background: RGB
+    0..255 for pixels without a hit.
+    """
+    H, W = camera.height, camera.width
+    valid = np.asarray(hits.valid[0], dtype=bool)
+    inst = np.asarray(hits.instance_id[0])
+    face = np.asarray(hits.face_id[0])
+    bary = np.nan_to_num(np.asarray(hits.bary[0], dtype=np.float64).reshape(H, W, 2))
+    colour = np.broadcast_to(np.asarray(DEFAULT_COLOUR), (H, W, 3)).copy()
+    for i, mesh in enumerate(meshes):
+        sel = valid & (inst == i)
+        if sel.any():
+            colour[sel] = _surface_colour(mesh, face[sel], bary[sel])
+    rays = camera.pixel_rays()
+    rays /= np.linalg.norm(rays, axis=-1, keepdims=True)
+    cosine = np.abs(np.sum(np.nan_to_num(np.asarray(hits.normal[0], dtype=np.float64)) * rays, axis=-1))
+    rgb = colour * (AMBIENT + (1 - AMBIENT) * np.clip(cosine, 0, 1))[..., None] * 255.0
+    rgb[~valid] = np.asarray(background, dtype=np.float64)
+    return np.clip(rgb, 0, 255).round().astype(np.uint8)

@@ -1,0 +1,453 @@
+"""Dynamic assets: mesh sequences and rigid-motion scenes, their clips, and camera trajectories.
+
+Two kinds of sequence are found in an asset folder next to static assets:
+
+- a *mesh sequence*: a folder whose mesh files are all named ``<prefix><frame number>.<ext>`` with the same
+  prefix, extension and number width (``frame_0000.obj``, ``frame_0001.obj``, ...), numbered without gaps,
+  with identical face arrays: one deforming mesh, vertex i being the same material point in every frame;
+- a *rigid-motion scene*: a ``scene.json`` (format in the README) listing meshes with one 4x4 pose per frame
+  or keyframes (translation interpolated linearly, rotation by slerp).
+
+A sequence yields world-space instance meshes for any frame; face arrays never change over time, so a
+material point (instance, face, barycentric) can be followed through deformation or rigid motion. A clip is a
+run of frames seen by one camera trajectory; every camera is a pure function of (seed, sequence id, clip).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import trimesh
+from scipy.interpolate import PchipInterpolator
+from scipy.spatial.transform import Rotation, Slerp
+
+from wt_datagen.assets import MESH_SUFFIXES, AssetError, _sha256, asset_id_for, load_asset
+from wt_datagen.camera import Camera
+from wt_datagen.config import SequenceConfig
+from wt_datagen.views import view_rng
+
+SCENE_FILE = "scene.json"
+TRAJECTORIES = ("static", "orbit", "dolly", "random")  # "mixed" in the config picks one per clip
+_FRAME_STEM = re.compile(r"^(?P<prefix>.*?)(?P<number>\d+)$")
+_RIGID_ATOL = 1e-5
+
+
+class SequenceError(ValueError):
+    """A sequence that cannot be used; the message is one line naming the sequence and the problem."""
+
+
+@dataclass(frozen=True)
+class SequenceSource:
+    """Where a sequence lives, found by :func:`find_sequences` without loading any mesh.
+
+    Attributes:
+        kind: ``"mesh_sequence"`` or ``"rigid_scene"``.
+        path: the frame folder (mesh sequence) or the ``scene.json`` file.
+        files: the frame files in frame order (mesh sequence) or ``(scene.json,)``.
+        numbers: the frame number parsed from each file name (mesh sequence; empty for a scene).
+    """
+
+    kind: str
+    path: Path
+    files: tuple[Path, ...]
+    numbers: tuple[int, ...] = ()
+
+
+def find_sequences(asset_dir: Path) -> list[SequenceSource]:
+    """Every sequence under ``asset_dir``, sorted by path (hidden files and folders skipped). A folder
+    holding ``scene.json`` is a rigid scene (every file under it belongs to it); a folder whose mesh files
+    all look like numbered frames of one name (at least two of them) is a mesh sequence."""
+    asset_dir = Path(asset_dir)
+    paths = [p for p in sorted(asset_dir.rglob("*"))
+             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(asset_dir).parts)]
+    found = [SequenceSource("rigid_scene", p, (p,)) for p in paths if p.name == SCENE_FILE]
+    scene_dirs = {s.path.parent for s in found}
+    folders: dict[Path, list[Path]] = {}
+    for p in paths:
+        if p.suffix.lower() in MESH_SUFFIXES and not scene_dirs.intersection((p.parent, *p.parents)):
+            folders.setdefault(p.parent, []).append(p)
+    found += [s for s in (_frame_source(files) for files in folders.values()) if s is not None]
+    return sorted(found, key=lambda s: s.path)
+
+
+def _frame_source(files: list[Path]) -> SequenceSource | None:
+    """The mesh sequence made of one folder's mesh files, or None when they do not look like one."""
+    parts = [_FRAME_STEM.match(f.stem) for f in files]
+    if len(files) < 2 or not all(parts):
+        return None
+    if len({(m["prefix"], len(m["number"]), f.suffix.lower()) for m, f in zip(parts, files)}) != 1:
+        return None
+    numbers = [int(m["number"]) for m in parts]
+    order = np.argsort(numbers, kind="stable")
+    return SequenceSource("mesh_sequence", files[0].parent, tuple(files[i] for i in order),
+                          tuple(numbers[i] for i in order))
+
+
+def static_files(paths: list[Path], sources: list[SequenceSource]) -> list[Path]:
+    """The mesh files among ``paths`` that belong to no sequence (they are static assets)."""
+    claimed = {f for s in sources if s.kind == "mesh_sequence" for f in s.files}
+    scene_dirs = {s.path.parent for s in sources if s.kind == "rigid_scene"}
+    return [p for p in paths if p not in claimed and not scene_dirs.intersection(p.parents)]
+
+
+def source_at(path: Path) -> SequenceSource:
+    """The sequence at ``path``: a ``scene.json`` or a folder of frame files."""
+    path = Path(path)
+    if path.name == SCENE_FILE and path.is_file():
+        return SequenceSource("rigid_scene", path, (path,))
+    files = sorted(p for p in path.glob("*") if p.is_file() and p.suffix.lower() in MESH_SUFFIXES)
+    source = _frame_source(files) if path.is_dir() else None
+    if source is None:
+        raise SequenceError(f"{path.name}: not a sequence (no {SCENE_FILE}, no numbered frame files)")
+    return source
+
+
+def sequence_id(source: SequenceSource, asset_dir: Path) -> str:
+    """The asset id of the folder relative to ``asset_dir``: ``walk/frames`` -> ``walk__frames``."""
+    folder = source.path.parent if source.kind == "rigid_scene" else source.path
+    rel = folder.relative_to(asset_dir) if folder != Path(asset_dir) else Path(source.path.name)
+    return asset_id_for(rel.as_posix())
+
+
+@dataclass
+class Sequence:
+    """A loaded, validated dynamic asset.
+
+    Attributes:
+        sequence_id: key-safe id.
+        source: where it was loaded from.
+        num_frames: number of frames T.
+        fps: frames per second (timestamps are ``frame / fps`` seconds).
+        instance_names: one per instance; instance order is fixed over time.
+        local_bounds: (2, 3) axis-aligned bounds over all frames, before ``asset_to_world``.
+        sha256: hex digest over the names and bytes of every file read (frames, or scene.json and meshes).
+        asset_to_world: (4, 4) similarity applied to every frame (normalisation chosen by the renderer).
+    """
+
+    sequence_id: str
+    source: SequenceSource
+    num_frames: int
+    fps: float
+    instance_names: list[str]
+    local_bounds: np.ndarray
+    sha256: str
+    asset_to_world: np.ndarray = field(default_factory=lambda: np.eye(4))
+
+    def meshes(self, frame: int) -> list[trimesh.Trimesh]:
+        """World-space instance meshes at ``frame`` (visuals kept); face arrays equal across frames."""
+        if not 0 <= frame < self.num_frames:
+            raise IndexError(f"{self.sequence_id}: frame {frame} outside 0..{self.num_frames - 1}")
+        meshes = self._local_meshes(frame)
+        for m, name in zip(meshes, self.instance_names):
+            m.apply_transform(self.asset_to_world)
+            m.metadata["name"] = name  # the caster's instance names
+        return meshes
+
+    def world_bounds(self) -> np.ndarray:
+        """(2, 3) bounds over all frames in world coordinates (corners of the local box, transformed)."""
+        corners = trimesh.bounds.corners(self.local_bounds)
+        world = trimesh.transform_points(corners, self.asset_to_world)
+        return np.stack([world.min(0), world.max(0)])
+
+    def _local_meshes(self, frame: int) -> list[trimesh.Trimesh]:
+        raise NotImplementedError
+
+
+@dataclass
+class MeshSequence(Sequence):
+    """A deforming mesh: one file per frame, identical faces."""
+
+    def _local_meshes(self, frame: int) -> list[trimesh.Trimesh]:
+        return [_load_mesh(self.source.files[frame], self.sequence_id)]
+
+
+@dataclass
+class RigidScene(Sequence):
+    """Rigid meshes with per-frame poses.
+
+    Attributes:
+        object_meshes: one mesh per instance, in its object's frame (a mesh file may hold several).
+        poses: (num_instances, T, 4, 4) object-to-scene rigid transforms.
+    """
+
+    object_meshes: list[trimesh.Trimesh] = field(default_factory=list)
+    poses: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 4, 4)))
+
+    def _local_meshes(self, frame: int) -> list[trimesh.Trimesh]:
+        return [m.copy().apply_transform(p[frame]) for m, p in zip(self.object_meshes, self.poses)]
+
+
+def load_sequence(source: SequenceSource, asset_dir: Path, fps: float = 24.0,
+                  max_faces: int | None = None) -> Sequence:
+    """Load and validate a sequence; raises :class:`SequenceError` with a one-line reason.
+
+    ``fps`` times mesh sequences (a scene.json gives its own); more than ``max_faces`` triangles (all
+    instances together) is an error.
+    """
+    sid = sequence_id(source, Path(asset_dir))
+    if source.kind == "mesh_sequence":
+        return _load_mesh_sequence(source, sid, fps, max_faces)
+    return _load_rigid_scene(source, sid, max_faces)
+
+
+def _check_faces(sid: str, faces: int, max_faces: int | None) -> None:
+    if max_faces is not None and faces > max_faces:
+        raise SequenceError(f"{sid}: too many triangles ({faces} > cap {max_faces})")
+
+
+def _digest(paths: list[Path]) -> str:
+    """sha256 over each file's name and sha256."""
+    return hashlib.sha256("".join(f"{p.name}:{_sha256(p)}\n" for p in paths).encode()).hexdigest()
+
+
+def _load_mesh(path: Path, sid: str) -> trimesh.Trimesh:
+    # process=False keeps the vertex order, which is what makes vertex i the same point in every frame
+    # (assets.load_asset merges vertices, which could differ between frames).
+    try:
+        mesh = trimesh.load(path, force="mesh", process=False)
+    except Exception as e:  # trimesh raises many types for corrupt files
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise SequenceError(f"{sid}: cannot read {path.name} ({type(e).__name__}: {msg})"[:300]) from None
+    if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
+        raise SequenceError(f"{sid}: {path.name} holds no triangles")
+    if not np.isfinite(mesh.vertices).all():
+        raise SequenceError(f"{sid}: {path.name} has NaN/inf vertices")
+    return mesh
+
+
+def _load_mesh_sequence(source: SequenceSource, sid: str, fps: float, max_faces: int | None) -> MeshSequence:
+    numbers = np.asarray(source.numbers)
+    expected = np.arange(numbers[0], numbers[0] + len(numbers))
+    if len(np.unique(numbers)) != len(numbers):
+        raise SequenceError(f"{sid}: duplicate frame numbers in {source.path.name}")
+    if not np.array_equal(numbers, expected):
+        missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers.tolist()))
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise SequenceError(f"{sid}: missing frames {shown} (frames must be numbered without gaps)")
+    # One pass over the files: check topology against the first frame, keep only bounds (memory bounded in T).
+    faces0 = None
+    lo, hi = np.full(3, np.inf), np.full(3, -np.inf)
+    for path in source.files:
+        mesh = _load_mesh(path, sid)
+        if faces0 is None:
+            faces0, first = mesh.faces, path.name
+            _check_faces(sid, len(faces0), max_faces)
+        elif mesh.faces.shape != faces0.shape or not np.array_equal(mesh.faces, faces0):
+            what = (f"{len(mesh.faces)} faces vs {len(faces0)}" if mesh.faces.shape != faces0.shape
+                    else "same face count, different vertex indices")
+            raise SequenceError(f"{sid}: {path.name} has different faces from {first} ({what}); "
+                                "a mesh sequence needs identical topology in every frame")
+        lo, hi = np.minimum(lo, mesh.bounds[0]), np.maximum(hi, mesh.bounds[1])
+    return MeshSequence(sid, source, len(source.files), float(fps), [source.path.name], np.stack([lo, hi]),
+                        _digest(list(source.files)))
+
+
+_SCENE_KEYS = {"fps", "num_frames", "objects"}
+_OBJECT_KEYS = {"name", "mesh", "poses", "keyframes"}
+_KEYFRAME_KEYS = {"frame", "pose"}
+
+
+def _load_rigid_scene(source: SequenceSource, sid: str, max_faces: int | None) -> RigidScene:
+    path = source.path
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SequenceError(f"{sid}: cannot parse {path.name}: {e}") from None
+    if not isinstance(spec, dict):
+        raise SequenceError(f"{sid}: {path.name} must hold a JSON object")
+    _check_keys(spec, _SCENE_KEYS, f"{sid}: {path.name}")
+    T, fps, objects = spec.get("num_frames"), spec.get("fps"), spec.get("objects")
+    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
+        raise SequenceError(f"{sid}: {path.name}: num_frames must be a positive integer, got {T!r}")
+    if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not fps > 0:
+        raise SequenceError(f"{sid}: {path.name}: fps must be a positive number, got {fps!r}")
+    if not isinstance(objects, list) or not objects:
+        raise SequenceError(f"{sid}: {path.name}: objects must be a non-empty list")
+    names, meshes, poses, files = [], [], [], [path]
+    lo, hi = np.full(3, np.inf), np.full(3, -np.inf)
+    for i, obj in enumerate(objects):
+        if not isinstance(obj, dict):
+            raise SequenceError(f"{sid}: {path.name}: objects[{i}] must be an object")
+        name = str(obj.get("name", f"object_{i}"))
+        what = f"{sid}: {path.name}: object '{name}'"
+        _check_keys(obj, _OBJECT_KEYS, what)
+        if not isinstance(obj.get("mesh"), str):
+            raise SequenceError(f"{what}: 'mesh' must be a path relative to {path.name}")
+        mesh_path = path.parent / obj["mesh"]
+        if not mesh_path.is_file():
+            raise SequenceError(f"{what}: mesh file {obj['mesh']} does not exist")
+        try:
+            asset = load_asset(mesh_path, path.parent)
+        except AssetError as e:
+            raise SequenceError(f"{what}: {e}") from None
+        object_poses = _object_poses(obj, T, what)
+        for node, mesh in zip(asset.names, asset.meshes):
+            corners = trimesh.bounds.corners(mesh.bounds)
+            moved = np.einsum("tij,cj->tci", object_poses[:, :3, :3], corners) + object_poses[:, None, :3, 3]
+            lo, hi = np.minimum(lo, moved.min((0, 1))), np.maximum(hi, moved.max((0, 1)))
+            names.append(name if len(asset.meshes) == 1 else f"{name}/{node}")
+            meshes.append(mesh)
+            poses.append(object_poses)
+        files.append(mesh_path)
+    if len(set(names)) != len(names):
+        raise SequenceError(f"{sid}: {path.name}: object names must be unique")
+    _check_faces(sid, sum(len(m.faces) for m in meshes), max_faces)
+    return RigidScene(sid, source, T, float(fps), names, np.stack([lo, hi]), _digest(files),
+                      object_meshes=meshes, poses=np.stack(poses))
+
+
+def _check_keys(d: dict, allowed: set[str], what: str) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        allowed_list = ", ".join(sorted(allowed))
+        raise SequenceError(f"{what}: unknown key(s) {', '.join(unknown)} (allowed: {allowed_list})")
+
+
+def _object_poses(obj: dict, T: int, what: str) -> np.ndarray:
+    """(T, 4, 4) poses of one scene.json object: explicit, keyframed, or identity when neither is given."""
+    if "poses" in obj and "keyframes" in obj:
+        raise SequenceError(f"{what}: give either 'poses' or 'keyframes', not both")
+    if "poses" in obj:
+        poses = obj["poses"]
+        if not isinstance(poses, list) or len(poses) != T:
+            n = len(poses) if isinstance(poses, list) else type(poses).__name__
+            raise SequenceError(f"{what}: 'poses' must list one 4x4 matrix per frame ({T}), got {n}")
+        return np.stack([_rigid_pose(p, f"{what} frame {t}") for t, p in enumerate(poses)])
+    if "keyframes" in obj:
+        keys = obj["keyframes"]
+        if not isinstance(keys, list) or not keys:
+            raise SequenceError(f"{what}: 'keyframes' must be a non-empty list of {{frame, pose}}")
+        frames, mats = [], []
+        for j, key in enumerate(keys):
+            if not isinstance(key, dict) or set(key) != _KEYFRAME_KEYS:
+                raise SequenceError(f"{what}: keyframes[{j}] must be {{\"frame\": int, \"pose\": 4x4}}")
+            frame = key["frame"]
+            if not isinstance(frame, int) or isinstance(frame, bool) or not 0 <= frame < T:
+                raise SequenceError(f"{what}: keyframes[{j}] frame must be an integer in 0..{T - 1}")
+            frames.append(frame)
+            mats.append(_rigid_pose(key["pose"], f"{what} keyframe {frame}"))
+        if np.any(np.diff(frames) <= 0):
+            raise SequenceError(f"{what}: keyframe frames must be strictly increasing")
+        return interpolate_poses(np.asarray(frames), np.stack(mats), T)
+    return np.broadcast_to(np.eye(4), (T, 4, 4)).copy()
+
+
+def _rigid_pose(value, what: str) -> np.ndarray:
+    """A validated (4, 4) rigid transform (rotation + translation, no scale or shear)."""
+    try:
+        m = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise SequenceError(f"{what}: pose is not a 4x4 matrix of numbers") from None
+    if m.shape != (4, 4):
+        raise SequenceError(f"{what}: pose must be 4x4, got shape {m.shape}")
+    if not np.isfinite(m).all():
+        raise SequenceError(f"{what}: pose has NaN/inf entries")
+    if not np.allclose(m[3], (0, 0, 0, 1), atol=_RIGID_ATOL):
+        raise SequenceError(f"{what}: non-rigid pose, last row must be (0, 0, 0, 1)")
+    R = m[:3, :3]
+    if not np.allclose(R @ R.T, np.eye(3), atol=_RIGID_ATOL) or np.linalg.det(R) < 0:
+        raise SequenceError(f"{what}: non-rigid pose, the rotation block is not orthonormal with det +1 "
+                            "(scale, shear or reflection)")
+    return m
+
+
+def interpolate_poses(key_frames: np.ndarray, key_poses: np.ndarray, num_frames: int) -> np.ndarray:
+    """(T, 4, 4) poses from keyframes: translation linear, rotation slerp, held before the first and after
+    the last keyframe. ``key_frames`` (M,) strictly increasing ints, ``key_poses`` (M, 4, 4) rigid."""
+    t = np.clip(np.arange(num_frames, dtype=np.float64), key_frames[0], key_frames[-1])
+    out = np.broadcast_to(np.eye(4), (num_frames, 4, 4)).copy()
+    out[:, :3, 3] = np.stack([np.interp(t, key_frames, key_poses[:, i, 3]) for i in range(3)], axis=-1)
+    rotations = Rotation.from_matrix(key_poses[:, :3, :3])
+    if len(key_frames) == 1:
+        out[:, :3, :3] = rotations.as_matrix()[0]
+    else:
+        out[:, :3, :3] = Slerp(key_frames.astype(np.float64), rotations)(t).as_matrix()
+    return out
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A run of frames seen by one camera trajectory.
+
+    Attributes:
+        sequence_id, clip_index: identity.
+        frame_indices: (T,) int64 sequence frame of each clip frame.
+        timestamps: (T,) float64 seconds, ``frame / fps``.
+        cameras: T cameras in the sequence's world frame.
+        trajectory: the trajectory kind.
+    """
+
+    sequence_id: str
+    clip_index: int
+    frame_indices: np.ndarray
+    timestamps: np.ndarray
+    cameras: list[Camera]
+    trajectory: str
+
+
+def make_clip(seq: Sequence, clip_index: int, cfg: SequenceConfig, seed: int, width: int,
+              height: int) -> Clip:
+    """Frames and cameras of one clip, a pure function of (seed, sequence id, clip index) and the config:
+    ``cfg.clip_length`` frames (0: as many as the sequence holds) every ``cfg.frame_stride`` frames, from a
+    random start, seen along a ``cfg.trajectory`` path (``mixed``: one kind drawn per clip)."""
+    rng = view_rng(seed, seq.sequence_id, clip_index)
+    available = (seq.num_frames - 1) // cfg.frame_stride + 1
+    length = available if cfg.clip_length == 0 else min(cfg.clip_length, available)
+    span = (length - 1) * cfg.frame_stride + 1
+    start = int(rng.integers(0, seq.num_frames - span + 1))
+    frames = start + cfg.frame_stride * np.arange(length)
+    kind = str(rng.choice(TRAJECTORIES)) if cfg.trajectory == "mixed" else cfg.trajectory
+    bounds = seq.world_bounds()
+    cameras = camera_path(kind, rng, cfg, bounds.mean(0), 0.5 * np.linalg.norm(bounds[1] - bounds[0]),
+                          length, width, height)
+    return Clip(seq.sequence_id, clip_index, frames, frames / seq.fps, cameras, kind)
+
+
+def camera_path(kind: str, rng: np.random.Generator, cfg: SequenceConfig, centre: np.ndarray,
+                radius: float, length: int, width: int, height: int) -> list[Camera]:
+    """``length`` cameras along a trajectory around a bounding sphere (``centre`` (3,), ``radius``); the
+    ranges come from ``cfg`` (distances in radii, angles in degrees)."""
+    radius = max(float(radius), 1e-6)
+    s = np.linspace(0.0, 1.0, length)
+    azimuth0 = rng.uniform(0, 2 * np.pi)
+    elevation = np.radians(rng.uniform(*cfg.elevation_deg))
+    distance = rng.uniform(*cfg.distance)
+    fov = rng.uniform(*cfg.fov_deg)
+    target = np.broadcast_to(centre, (length, 3))
+    if kind == "static":
+        az, el, dist = np.full(length, azimuth0), np.full(length, elevation), np.full(length, distance)
+    elif kind == "orbit":
+        sweep = np.radians(rng.uniform(*cfg.orbit_deg)) * rng.choice([-1.0, 1.0])
+        az, el, dist = azimuth0 + sweep * s, np.full(length, elevation), np.full(length, distance)
+    elif kind == "dolly":
+        # Move along the straight line between two eyes while looking at the centre.
+        end = distance * rng.uniform(*cfg.dolly_factor)
+        start_eye = centre + radius * distance * _direction(azimuth0, elevation)
+        end_eye = centre + radius * end * _direction(azimuth0 + rng.uniform(-0.2, 0.2), elevation)
+        eyes = start_eye + s[:, None] * (end_eye - start_eye)
+        return [Camera.look_at(e, centre, width=width, height=height, fov_y_deg=fov) for e in eyes]
+    elif kind == "random":
+        # PCHIP through random control points never overshoots them, so the path stays within the ranges.
+        n = cfg.random_keypoints
+        knots = np.linspace(0.0, 1.0, n)
+        az = PchipInterpolator(knots, azimuth0 + np.cumsum(rng.uniform(-np.pi / 4, np.pi / 4, n)))(s)
+        el = PchipInterpolator(knots, np.radians(rng.uniform(*cfg.elevation_deg, n)))(s)
+        dist = PchipInterpolator(knots, rng.uniform(*cfg.distance, n))(s)
+        jitter = PchipInterpolator(knots, rng.uniform(-0.1, 0.1, (n, 3)), axis=0)(s)
+        target = centre + radius * jitter
+    else:
+        raise ValueError(f"unknown trajectory kind {kind!r}; expected one of {TRAJECTORIES}")
+    eyes = centre + radius * dist[:, None] * _direction(az, el)
+    return [Camera.look_at(e, t, width=width, height=height, fov_y_deg=fov) for e, t in zip(eyes, target)]
+
+
+def _direction(azimuth, elevation) -> np.ndarray:
+    """(..., 3) unit vectors, world +y up: azimuth about y from +z, elevation above the xz plane."""
+    azimuth, elevation = np.asarray(azimuth), np.asarray(elevation)
+    return np.stack([np.cos(elevation) * np.sin(azimuth), np.sin(elevation),
+                     np.cos(elevation) * np.cos(azimuth)], axis=-1)

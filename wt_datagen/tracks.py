@@ -1,0 +1,248 @@
+"""World-centric 3D tracks of surface points on every layer, visible or hidden.
+
+Query points are the layered hits of a reference frame on a pixel stride, over all K layers. Each becomes a
+material point (instance, face, barycentric), which is carried to any frame by re-evaluating that face's
+vertices there: exact under deformation and rigid motion alike, since face arrays never change. In every
+frame the point's layer is counted exactly, by casting the segment from the camera centre to the point and
+counting the surface crossings before it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import trimesh
+
+from wt_datagen.camera import Camera
+from wt_datagen.cast import Hits, LayeredRaycaster
+from wt_datagen.sequence import Clip, Sequence
+
+# Crossings within this fraction of the point's own distance count as the point itself: a neighbouring face
+# sharing the point's edge is hit at the same t up to the float32 rounding of t (6e-8); surfaces further
+# apart than this (a 0.2 mm plate seen from 2 m is 1e-4) stay separate crossings.
+_SAME_HIT_RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class Queries:
+    """Material points picked on a reference frame, one per (stride-grid pixel, valid layer).
+
+    Attributes:
+        frame: clip-relative index of the reference frame.
+        layer: (N,) int32 layer of the hit in the reference frame.
+        pixel: (N, 2) int32 pixel (u, v) = (column, row).
+        instance: (N,) int32 instance id.
+        face: (N,) int64 face id in the instance's face array.
+        bary: (N, 2) float64 (u, v): point = (1 - u - v) v0 + u v1 + v v2.
+    """
+
+    frame: int
+    layer: np.ndarray
+    pixel: np.ndarray
+    instance: np.ndarray
+    face: np.ndarray
+    bary: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.layer)
+
+
+def pick_queries(hits: Hits, stride: int, frame: int = 0) -> Queries:
+    """Every valid layer at pixels ``(stride // 2 + i * stride, stride // 2 + j * stride)``.
+
+    ``hits`` is a camera cast (arrays (K, H, W, ...)); queries are ordered by layer, then row, then column.
+    """
+    if stride < 1:
+        raise ValueError(f"query stride must be >= 1, got {stride}")
+    K, H, W = hits.valid.shape
+    rows = np.arange(stride // 2, H, stride)
+    cols = np.arange(stride // 2, W, stride)
+    grid = np.ix_(np.arange(K), rows, cols)
+    k, i, j = np.nonzero(hits.valid[grid])
+    v, u = rows[i], cols[j]
+    return Queries(
+        frame=int(frame),
+        layer=k.astype(np.int32),
+        pixel=np.stack([u, v], axis=-1).astype(np.int32),
+        instance=hits.instance_id[k, v, u].astype(np.int32),
+        face=hits.face_id[k, v, u].astype(np.int64),
+        bary=hits.bary[k, v, u].astype(np.float64),
+    )
+
+
+def material_points(meshes: list[trimesh.Trimesh], queries: Queries) -> np.ndarray:
+    """(N, 3) float64 world positions of the query points on ``meshes`` (one frame's instances)."""
+    out = np.empty((len(queries), 3))
+    weights = np.column_stack([1.0 - queries.bary.sum(1), queries.bary])
+    for idx, mesh in enumerate(meshes):  # a loop over instances, not over points
+        sel = queries.instance == idx
+        if sel.any():
+            corners = np.asarray(mesh.vertices, dtype=np.float64)[mesh.faces[queries.face[sel]]]  # (n, 3, 3)
+            out[sel] = np.einsum("nc,ncd->nd", weights[sel], corners)
+    return out
+
+
+def layer_index(raycaster: LayeredRaycaster, camera: Camera, world_xyz: np.ndarray, queries: Queries,
+                num_layers: int = 8) -> np.ndarray:
+    """(N,) int8 layer each point occupies in this frame's layered pointmap.
+
+    0 visible, k > 0 behind k surface crossings, -1 outside the image or not in front of the camera. The
+    crossings are cast along the segment from the camera centre to the point (t = 1 at the point); the
+    point's own face, and crossings at the point's own t (an edge shared with a neighbour), do not count.
+    Rays whose crossings were truncated before reaching the point are cast again with every layer.
+    """
+    cam_xyz = camera.world_to_camera(world_xyz)
+    uv = camera.project(cam_xyz)
+    with np.errstate(invalid="ignore"):
+        inside = ((cam_xyz[:, 2] > 0) & (uv[:, 0] >= 0) & (uv[:, 0] < camera.width)
+                  & (uv[:, 1] >= 0) & (uv[:, 1] < camera.height))
+    out = np.full(len(world_xyz), -1, dtype=np.int8)
+    idx = np.nonzero(inside)[0]
+    if len(idx) == 0:
+        return out
+    origins = np.broadcast_to(camera.center, (len(idx), 3)).astype(np.float64)
+    directions = world_xyz[idx] - camera.center
+    hits = raycaster.cast_rays(origins, directions, num_layers=num_layers)
+    counts, truncated = _count_before(hits, queries.instance[idx], queries.face[idx])
+    if truncated.any():
+        sub = np.nonzero(truncated)[0]
+        again = raycaster.cast_rays(origins[sub], directions[sub], num_layers=int(hits.num_hits[sub].max()))
+        counts[sub] = _count_before(again, queries.instance[idx][sub], queries.face[idx][sub])[0]
+    out[idx] = np.minimum(counts, np.iinfo(np.int8).max)
+    return out
+
+
+def _count_before(hits: Hits, instance: np.ndarray, face: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Crossings before each ray's own point (t = 1, or the own face's t when it was hit), and whether the
+    count may be incomplete (more hits than layers, the last one returned still before the point)."""
+    t = hits.depth.astype(np.float64)  # (L, n) ray parameters
+    own = hits.valid & (hits.instance_id == instance) & (hits.face_id == face)
+    t_own = np.where(own.any(0), np.where(own, t, np.inf).min(0), 1.0)
+    before = hits.valid & ~own & (t < t_own * (1.0 - _SAME_HIT_RTOL))
+    truncated = (hits.num_hits > len(t)) & before[-1]
+    return before.sum(0), truncated
+
+
+@dataclass
+class ClipFrame:
+    """One frame of a clip, cast and ready to become a sample.
+
+    Attributes:
+        t: clip-relative index; ``frame_index`` the sequence frame; ``timestamp`` seconds.
+        camera: this frame's camera (sequence world frame).
+        meshes: the world-space instance meshes (visuals kept, for the image).
+        hits: the layered cast, arrays (K, H, W, ...).
+    """
+
+    t: int
+    frame_index: int
+    timestamp: float
+    camera: Camera
+    meshes: list[trimesh.Trimesh]
+    hits: Hits
+
+
+class ClipTracker:
+    """Streams the frames of a clip and records the tracks of its query points on the way.
+
+    Frames are produced one at a time (memory bounded in T); only the (T, N) track arrays grow with T.
+    Usage: ``for frame in tracker.frames(): write(frame)`` then ``tracker.arrays()`` for ``tracks.npz``.
+    ``query_frame`` is clamped to the clip; ``seconds`` accumulates wall time per stage (load: the frame's
+    meshes, cast: caster build and layered cast, tracks: everything for the tracks).
+    """
+
+    def __init__(self, seq: Sequence, clip: Clip, num_layers: int, query_stride: int, query_frame: int = 0,
+                 make_raycaster: Callable[[list[trimesh.Trimesh]], LayeredRaycaster] = LayeredRaycaster):
+        T = len(clip.frame_indices)
+        self.seq, self.clip, self.num_layers = seq, clip, num_layers
+        self.query_stride, self.query_frame = query_stride, min(max(query_frame, 0), T - 1)
+        self.make_raycaster = make_raycaster
+        self.queries: Queries | None = None
+        self.seconds = {"load": 0.0, "cast": 0.0, "tracks": 0.0}
+        self._done = np.zeros(T, dtype=bool)
+
+    def _lap(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[stage] += now - since
+        return now
+
+    def _cast(self, t: int) -> tuple[ClipFrame, LayeredRaycaster]:
+        start = time.perf_counter()
+        frame = int(self.clip.frame_indices[t])
+        meshes = self.seq.meshes(frame)
+        start = self._lap("load", start)
+        raycaster = self.make_raycaster(meshes)
+        camera = self.clip.cameras[t]
+        hits = raycaster.cast(camera, num_layers=self.num_layers)
+        self._lap("cast", start)
+        return ClipFrame(t, frame, float(self.clip.timestamps[t]), camera, meshes, hits), raycaster
+
+    def frames(self) -> Iterator[ClipFrame]:
+        """Every frame of the clip in order, each cast once (the reference frame first when it is not 0)."""
+        T = len(self.clip.frame_indices)
+        ref = self._cast(self.query_frame)
+        self._start(ref[0].hits, T)
+        for t in range(T):
+            frame, raycaster = ref if t == self.query_frame else self._cast(t)
+            if t == self.query_frame:
+                ref = None  # hold at most one frame besides the current one
+            self._record(frame, raycaster)
+            yield frame
+
+    def _start(self, ref_hits: Hits, T: int) -> None:
+        start = time.perf_counter()
+        self.queries = pick_queries(ref_hits, self.query_stride, self.query_frame)
+        N = len(self.queries)
+        self.world_xyz = np.zeros((T, N, 3), dtype=np.float32)
+        self.cam_xyz = np.zeros((T, N, 3), dtype=np.float32)
+        self.uv = np.zeros((T, N, 2), dtype=np.float32)
+        self.layer_index = np.full((T, N), -1, dtype=np.int8)
+        self._lap("tracks", start)
+
+    def _record(self, frame: ClipFrame, raycaster: LayeredRaycaster) -> None:
+        start = time.perf_counter()
+        world = material_points(frame.meshes, self.queries)
+        cam = frame.camera.world_to_camera(world)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            uv = frame.camera.project(cam)
+        t = frame.t
+        self.world_xyz[t], self.cam_xyz[t], self.uv[t] = world, cam, uv
+        self.layer_index[t] = layer_index(raycaster, frame.camera, world, self.queries, self.num_layers)
+        self._done[t] = True
+        self._lap("tracks", start)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The ``tracks.npz`` arrays (all frames must have been produced)."""
+        if not self._done.all():
+            raise RuntimeError("ClipTracker.arrays() called before every frame was produced")
+        q = self.queries
+        return {
+            "query_frame": np.full(len(q), q.frame, dtype=np.int32),
+            "query_layer": q.layer.astype(np.int32),
+            "query_pixel": q.pixel,
+            "query_instance": q.instance,
+            "query_face": q.face,
+            "query_bary": q.bary.astype(np.float32),
+            "world_xyz": self.world_xyz,
+            "cam_xyz": self.cam_xyz,
+            "uv": self.uv,
+            "layer_index": self.layer_index,
+            "frame_index": np.asarray(self.clip.frame_indices, dtype=np.int64),
+            "timestamp": np.asarray(self.clip.timestamps, dtype=np.float64),
+        }
+
+
+def cameras_json(clip: Clip, fps: float) -> dict:
+    """The ``cameras.json`` record of a clip: one camera per frame, in the sequence's world frame."""
+    return {
+        "sequence_id": clip.sequence_id,
+        "clip_index": clip.clip_index,
+        "trajectory": clip.trajectory,
+        "fps": fps,
+        "frame_index": [int(f) for f in clip.frame_indices],
+        "timestamp": [float(s) for s in clip.timestamps],
+        "cameras": [c.to_json() for c in clip.cameras],
+    }
