@@ -1,0 +1,42 @@
+"""`wt-model`: train, sample and evaluate WT-DiT models (thin dispatch, like `wt-datagen`).
+
+Each subcommand lives in the module that does the work; that module exposes ``add_arguments(parser)`` and
+``run(args) -> int``. Bad input (data, images, checkpoints) ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from wt_model.checkpoint import CheckpointError
+from wt_model.data import DataError
+
+COMMANDS = {
+    "train": ("wt_model.train", "train a WT-DiT on layered shards (also under torchrun)"),
+    "sample": ("wt_model.sampler", "sample layered pointmaps from images: npz + PLY"),
+    "eval": ("wt_model.metrics", "score a checkpoint on shards (scale-aligned depth, Chamfer, F-score, IoU)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wt-model", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args))
+    except (DataError, CheckpointError) as e:
+        # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last line.
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        print(f"wt-model {args.command}: error: {lines[-1].split(': ', 1)[-1] if len(lines) > 1 else lines[0]}",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
