@@ -39,7 +39,7 @@ bench: install
 	$(BIN)/python -m tests.bench
 
 demo: install
-	$(BIN)/wt-datagen make-assets demo/assets
+	$(BIN)/wt-datagen make-assets demo/assets --sequences
 	$(BIN)/wt-datagen render demo/assets --config render_configs/debug.yaml --out demo/shards
 	$(BIN)/wt-datagen inspect demo/shards --validate
 

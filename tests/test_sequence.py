@@ -22,6 +22,7 @@ from wt_datagen.sequence import (
     find_sequences,
     interpolate_poses,
     load_sequence,
+    make_builtin_sequences,
     make_clip,
     static_files,
 )
@@ -445,3 +446,17 @@ def test_render_cli_writes_frames_and_tracks(tmp_path, capsys):
     status = {k: v["status"] for k, v in manifest["assets"].items()}
     assert status == {"blob": "rendered", "gap": "skipped", "spin/scene.json": "rendered",
                       "static_box.ply": "rendered"}
+
+
+def test_builtin_sequences_load_and_move(tmp_path):
+    make_builtin_sequences(tmp_path, num_frames=8)
+    sources = find_sequences(tmp_path)
+    assert sorted(s.kind for s in sources) == ["mesh_sequence", "rigid_scene"]
+    for source in sources:
+        seq = load_sequence(source, tmp_path)
+        assert seq.num_frames == 8
+        first, last = seq.meshes(0), seq.meshes(7)
+        for a, b in zip(first, last):
+            assert np.array_equal(a.faces, b.faces)  # one topology: material points can be followed
+        moved = max(np.abs(a.vertices - b.vertices).max() for a, b in zip(first, last))
+        assert moved > 0.05

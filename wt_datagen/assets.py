@@ -75,7 +75,7 @@ def discover_assets(asset_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -132,7 +132,7 @@ def load_asset(path: str | Path, asset_dir: str | Path, max_faces: int | None = 
     if not path.is_file():
         raise bad("file not found")
     try:
-        sha = _sha256(path)
+        sha = file_sha256(path)
     except OSError as e:
         raise bad(f"unreadable ({e.strerror or e})") from None
 
@@ -445,11 +445,17 @@ def make_builtin_assets(out_dir: str | Path) -> list[Path]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", type=Path, help="folder to write the assets into (created)")
+    parser.add_argument("--sequences", action="store_true",
+                        help="also write the built-in dynamic assets (a deforming mesh sequence, a rigid scene)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from .sequence import make_builtin_sequences  # imported here: sequence.py builds on this module
+
     try:
         paths = make_builtin_assets(args.out_dir)
+        if args.sequences:
+            paths += make_builtin_sequences(args.out_dir)
     except OSError as e:
         print(f"make-assets: cannot write to {args.out_dir}: {e.strerror or e}", file=sys.stderr)
         return 1

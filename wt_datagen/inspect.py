@@ -853,7 +853,8 @@ def export_ply(sample: Sample, out_ply, frame: str = "camera", colour: str = "la
 
 
 def first_frame_rgb(paths: list[Path], clip: Sample) -> np.ndarray | None:
-    """The RGB image of frame 0 of ``clip``'s sequence and clip index, if a shard holds it."""
+    """The RGB image of the first frame of ``clip`` (its sequence and clip index; ``view_index`` 0 is the clip's
+    first frame, which need not be the sequence's frame 0), if a shard holds it."""
     m = clip.meta if isinstance(clip.meta, dict) else {}
     want = (m.get("sequence_id"), m.get("clip_index"))
     if want[0] is None:
@@ -868,7 +869,7 @@ def first_frame_rgb(paths: list[Path], clip: Sample) -> np.ndarray | None:
         if (
             isinstance(fm, dict)
             and (fm.get("sequence_id"), fm.get("clip_index")) == want
-            and fm.get("frame_index") == 0
+            and fm.get("view_index") == 0
         ):
             return decode(item).rgb
     return None

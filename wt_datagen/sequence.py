@@ -26,7 +26,7 @@ import trimesh
 from scipy.interpolate import PchipInterpolator
 from scipy.spatial.transform import Rotation, Slerp
 
-from wt_datagen.assets import MESH_SUFFIXES, AssetError, _sha256, asset_id_for, load_asset
+from wt_datagen.assets import MESH_SUFFIXES, AssetError, asset_id_for, file_sha256, load_asset
 from wt_datagen.camera import Camera
 from wt_datagen.config import SequenceConfig
 from wt_datagen.views import view_rng
@@ -202,7 +202,7 @@ def _check_faces(sid: str, faces: int, max_faces: int | None) -> None:
 
 def _digest(paths: list[Path]) -> str:
     """sha256 over each file's name and sha256."""
-    return hashlib.sha256("".join(f"{p.name}:{_sha256(p)}\n" for p in paths).encode()).hexdigest()
+    return hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}\n" for p in paths).encode()).hexdigest()
 
 
 def _load_mesh(path: Path, sid: str) -> trimesh.Trimesh:
@@ -451,3 +451,44 @@ def _direction(azimuth, elevation) -> np.ndarray:
     azimuth, elevation = np.asarray(azimuth), np.asarray(elevation)
     return np.stack([np.cos(elevation) * np.sin(azimuth), np.sin(elevation),
                      np.cos(elevation) * np.cos(azimuth)], axis=-1)
+
+
+def make_builtin_sequences(out_dir: str | Path, num_frames: int = 24) -> list[Path]:
+    """Write two dynamic assets (y up) and return the paths that identify them.
+
+    ``wobble/frame_NNNN.obj``: an icosphere breathing and bending, vertex i the same material point in every
+    frame; ``passing/scene.json``: a box sliding past a spinning torus (keyframes), with their meshes.
+    """
+    out = Path(out_dir)
+    wobble = out / "wobble"
+    wobble.mkdir(parents=True, exist_ok=True)
+    rest = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
+    for f in range(num_frames):
+        phase = 2 * np.pi * f / num_frames
+        v = rest.vertices * (1 + 0.15 * np.sin(phase) * rest.vertices[:, 1:2] / 0.5)  # breathe along y
+        v[:, 0] += 0.2 * np.sin(phase) * (v[:, 1] / 0.5) ** 2  # bend
+        frame = trimesh.Trimesh(v, rest.faces, process=False)
+        frame.export(wobble / f"frame_{f:04d}.obj")
+    passing = out / "passing"
+    passing.mkdir(parents=True, exist_ok=True)
+    trimesh.creation.torus(0.4, 0.12, major_sections=48, minor_sections=16).export(passing / "torus.obj")
+    trimesh.creation.box(extents=(0.4, 0.4, 0.4)).export(passing / "box.obj")
+
+    def pose(angle_y: float = 0.0, t=(0.0, 0.0, 0.0)) -> list:
+        T = trimesh.transformations.rotation_matrix(angle_y, (0, 1, 0))
+        T[:3, 3] = t
+        return T.tolist()
+
+    scene = {
+        "fps": 24,
+        "num_frames": num_frames,
+        "objects": [
+            {"name": "torus", "mesh": "torus.obj",
+             "keyframes": [{"frame": 0, "pose": pose()}, {"frame": num_frames - 1, "pose": pose(np.pi * 0.9)}]},
+            {"name": "box", "mesh": "box.obj",
+             "keyframes": [{"frame": 0, "pose": pose(t=(-1.2, 0, 0.6))},
+                           {"frame": num_frames - 1, "pose": pose(0.5, t=(1.2, 0, 0.6))}]},
+        ],
+    }
+    (passing / SCENE_FILE).write_text(json.dumps(scene, indent=1))
+    return [wobble, passing / SCENE_FILE]
