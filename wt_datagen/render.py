@@ -5,6 +5,8 @@ the item and the resolved config, returning an :class:`ItemResult` (encoded samp
 so any executor can run it; :func:`execute_local` runs items in W worker processes and hands results back in
 plan order to the single shard writer (:class:`wt_datagen.shard.ShardSet`), which makes the shards the same
 whatever W is. Resumption: finished items are read back from the journal and not planned again.
+Scale-out (issue 7, :mod:`wt_datagen.executors`): the Ray executor plugs into :func:`run_items` the same way,
+and ``--shard-index/--num-shards`` renders one part of the plan for independent jobs.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .cast import LayeredRaycaster
 from .config import ConfigError, RenderConfig, load_config
 from .sample import encode_sample, sample_key
 from .sequence import find_sequences, static_files
-from .shard import ItemStatus, ResumeError, ShardSet
+from .shard import ItemStatus, ResumeError, ShardSet, WrittenShard
 from .views import view_camera
 
 
@@ -262,9 +264,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="remove earlier shards in --out and start afresh")
     parser.add_argument("--strict", action="store_true",
                         help="exit non-zero if any asset was skipped or failed")
+    # --- scale-out (issue 7; wt_datagen/executors.py) ---
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: --workers processes here; ray: Ray tasks (the ray extra) (default: %(default)s)")
+    parser.add_argument("--ray-address", metavar="HOST:PORT",
+                        help="Ray cluster to run on; default: a local Ray instance with --workers CPUs")
+    parser.add_argument("--max-retries", type=int, default=3,
+                        help="ray: runs again of a task whose worker died (default: %(default)s)")
+    parser.add_argument("--shard-index", type=int, default=0, metavar="I",
+                        help="render only part I (from 0) of --num-shards, a fixed split of the assets")
+    parser.add_argument("--num-shards", type=int, default=1, metavar="N",
+                        help="number of independent jobs sharing the assets, each with its own shards")
+    # --- end scale-out ---
 
 
 def run(args: argparse.Namespace) -> int:
+    from .executors import ExecutorError, part_name, ray_executor, select_part  # late: it imports this module
+
     overrides = {k: getattr(args, k) for k in ("views", "resolution", "layers", "seed", "workers")}
     try:
         cfg = load_config(args.config, overrides)
@@ -273,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
         items = plan_items(args.asset_dir, args.limit)
         if not items:
             raise AssetError(f"{args.asset_dir}: no mesh files found")
+        mine = select_part(items, args.shard_index, args.num_shards)  # issue 7: this job's part
         shards = ShardSet(
             args.out,
             cfg.shards.max_samples,
@@ -280,25 +297,34 @@ def run(args: argparse.Namespace) -> int:
             header={"config_hash": cfg.hash},
             manifest_info={"version": __version__, "asset_dir": str(args.asset_dir), "config_hash": cfg.hash,
                            "config": cfg.to_dict()},
+            part=part_name(args.shard_index, args.num_shards),
         )
+        execute = execute_local if args.executor == "local" else ray_executor(shards, args.ray_address,
+                                                                                args.max_retries)
         done = shards.open(overwrite=args.overwrite)
-    except (ConfigError, AssetError, ResumeError) as e:
+    except (ConfigError, AssetError, ResumeError, ExecutorError) as e:
         print(f"render: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"render: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
-    todo = [it for it in items if it.rel_path not in done]
-    if done:
-        print(f"resuming: {len(items) - len(todo)} of {len(items)} assets already done in {args.out}")
+    todo = [it for it in mine if it.rel_path not in done]
+    if len(todo) < len(mine):
+        print(f"resuming: {len(mine) - len(todo)} of {len(mine)} assets already done in {args.out}")
     try:
-        stats = run_items(todo, cfg, str(args.asset_dir), shards)
+        stats = run_items(todo, cfg, str(args.asset_dir), shards, execute)
     except KeyboardInterrupt:
         shards.write_manifest(complete=False)
         print(f"\ninterrupted: {len(shards.statuses)} assets done; the same command resumes", file=sys.stderr)
         return 130
+    except ExecutorError as e:
+        print(f"render: {e}", file=sys.stderr)
+        return 2
     shards.close([it.rel_path for it in items])
-    return _summary(items, shards, stats, strict=args.strict)
+    if not mine:  # more parts than assets
+        print(f"part {args.shard_index} of {args.num_shards}: no assets fall in it")
+        return 0
+    return _summary(mine, shards, stats, strict=args.strict)
 
 
 def run_items(todo: list[WorkItem], cfg: RenderConfig, asset_dir: str, shards: ShardSet,
@@ -315,17 +341,28 @@ def run_items(todo: list[WorkItem], cfg: RenderConfig, asset_dir: str, shards: S
         ticks[path] += n
         bar.update(n)
 
-    def on_result(result: ItemResult) -> None:
-        st = result.status
+    def tally(st: ItemStatus) -> None:
         bar.total += ticks.pop(st.path, 0) - cfg.views  # planned views per item; a skipped one has fewer
         if st.status == "rendered":
-            shards.add(st, result.samples)
             stats["samples"] += st.samples
             stats["seconds"].update(st.seconds)
         else:
-            shards.record(st)
             bar.write(f"{st.status} {st.path}: {st.reason}")
         bar.refresh()
+
+    def on_result(result: ItemResult | WrittenShard) -> None:
+        # --- scale-out (issue 7): a shard a remote task wrote itself is journaled here ---
+        if isinstance(result, WrittenShard):
+            shards.adopt(result)
+            for st in result.statuses:
+                tally(st)
+            return
+        # --- end scale-out ---
+        if result.status.status == "rendered":
+            shards.add(result.status, result.samples)
+        else:
+            shards.record(result.status)
+        tally(result.status)
 
     t0 = time.perf_counter()
     try:
