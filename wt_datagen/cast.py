@@ -9,6 +9,7 @@ held in float32, as the engines hold it, and the exact test runs on those float3
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numba
 import numpy as np
@@ -35,27 +36,36 @@ class Hits:
 
     depth: float32 camera z (ray parameter t for ``cast_rays``), 0 where invalid.
     valid: bool, monotone along K (layer k valid implies k-1 valid).
-    xyz: (..., 3) float32 camera-space points, ``depth * K^-1 (u + .5, v + .5, 1)`` (world points for ``cast_rays``).
-    normal: (..., 3) float32 unit geometric face normals in the same frame, 0 where invalid.
+    normal: (..., 3) float32 unit geometric face normals, camera space (world for ``cast_rays``), 0 where invalid.
     front_facing: bool, the ray enters the surface (normal against the ray).
     face_id, instance_id: int32 face index in the instance's own face array, instance index; -1 where invalid.
     bary: (..., 2) float32 (u, v): the point is (1-u-v) v0 + u v1 + v v2 of the face's vertices.
     num_hits: int32 (H, W) or (N,): crossings along the ray before truncation to K.
+    ray_origins, ray_dirs: float64 rays the points lie on, (1, 3) and (H, W, 3) camera-space ``K^-1 (u + .5,
+        v + .5, 1)`` for a camera, (N or 1, 3) and (N, 3) world for ``cast_rays``; ``xyz`` derives from them.
     """
 
     depth: np.ndarray
     valid: np.ndarray
-    xyz: np.ndarray
     normal: np.ndarray
     front_facing: np.ndarray
     face_id: np.ndarray
     instance_id: np.ndarray
     bary: np.ndarray
     num_hits: np.ndarray
+    ray_origins: np.ndarray
+    ray_dirs: np.ndarray
 
     @property
     def num_layers(self) -> int:
         return self.depth.shape[0]
+
+    @cached_property
+    def xyz(self) -> np.ndarray:
+        """(..., 3) float32 points, 0 where invalid: camera space ``depth * K^-1 (u + .5, v + .5, 1)`` (so
+        ``xyz[..., 2] == depth``), world ``origin + depth * direction`` for ``cast_rays``."""
+        d = self.depth.astype(np.float64)[..., None]
+        return np.where(self.valid[..., None], self.ray_origins + d * self.ray_dirs, 0).astype(np.float32)
 
 
 def _instances(meshes) -> list[tuple[str, trimesh.Trimesh, np.ndarray]]:
@@ -177,10 +187,10 @@ class LayeredRaycaster:
         cam_dirs, world_dirs, rays32 = np.empty((n, 3)), np.empty((n, 3)), np.empty((n, 6), np.float32)
         pinhole_rays(camera.K, camera.rotation, camera.center, camera.width, camera.height,
                      cam_dirs, world_dirs, rays32)
-        hits = self._cast(camera.center[None], world_dirs, rays32, np.zeros((1, 3)), cam_dirs, camera.rotation,
-                          num_layers)
+        hits = self._cast(camera.center[None], world_dirs, rays32, camera.rotation, num_layers)
         H, W = camera.height, camera.width
-        return Hits(**{k: _to_image(v, k, H, W) for k, v in hits.items()})
+        return Hits(**{k: _to_image(v, k, H, W) for k, v in hits.items()},
+                    ray_origins=np.zeros((1, 3)), ray_dirs=cam_dirs.reshape(H, W, 3))
 
     def cast_rays(self, origins: np.ndarray, directions: np.ndarray, num_layers: int) -> Hits:
         """Layered crossings of arbitrary world rays; ``depth`` is t with point = origin + t * direction.
@@ -196,33 +206,34 @@ class LayeredRaycaster:
         rays32 = np.empty((len(d), 6), np.float32)
         rays32[:, :3] = o
         rays32[:, 3:] = d
-        return Hits(**self._cast(o, d, rays32, o, d, np.eye(3), num_layers))
+        return Hits(**self._cast(o, d, rays32, np.eye(3), num_layers), ray_origins=o, ray_dirs=d)
 
-    def _cast(self, origins, dirs, rays32, out_origins, out_dirs, out_rot, num_layers: int) -> dict:
-        """Engine hits for ``rays32`` (R, 6) float32, resolved exactly on the float64 rays (origins, dirs)."""
+    def _cast(self, origins, dirs, rays32, out_rot, num_layers: int) -> dict:
+        """Engine hits for ``rays32`` (R, 6) float32, resolved exactly on the float64 rays (origins, dirs);
+        normals rotated by ``out_rot`` into the output frame."""
         if int(num_layers) < 1:
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
         K, R = int(num_layers), len(dirs)
         threads = numba.get_num_threads()
         numba.set_num_threads(self.num_threads or numba.config.NUMBA_NUM_THREADS)
         try:
-            out = self._cast_chunks(origins, dirs, rays32, out_origins, out_dirs, out_rot, K, R)
+            out = self._cast_chunks(origins, dirs, rays32, out_rot, K, R)
         finally:
             numba.set_num_threads(threads)
         out["valid"] = np.arange(K)[:, None] < out["num_hits"][None]
         return out
 
-    def _cast_chunks(self, origins, dirs, rays32, out_origins, out_dirs, out_rot, K: int, R: int) -> dict:
+    def _cast_chunks(self, origins, dirs, rays32, out_rot, K: int, R: int) -> dict:
+        ids = np.full((2, K, R), -1, np.int32)  # one fill for both id arrays
         out = {  # invalid slots keep these fill values; the kernel writes valid ones only
-            "depth": np.zeros((K, R), np.float32), "xyz": np.zeros((K, R, 3), np.float32),
+            "depth": np.zeros((K, R), np.float32),
             "normal": np.zeros((K, R, 3), np.float32), "front_facing": np.zeros((K, R), np.bool_),
-            "face_id": np.full((K, R), -1, np.int32), "instance_id": np.full((K, R), -1, np.int32),
+            "face_id": ids[0], "instance_id": ids[1],
             "bary": np.zeros((K, R, 2), np.float32), "num_hits": np.empty(R, np.int32),
         }
         for s in range(0, R, CHUNK_RAYS):
             e = min(s + CHUNK_RAYS, R)
             o = origins if len(origins) == 1 else origins[s:e]
-            xo = out_origins if len(out_origins) == 1 else out_origins[s:e]
             splits, geom, prim, uv = self._engine.hits(rays32[s:e])
             counts = np.empty(e - s, np.int64)
             eng = self._engine
@@ -234,10 +245,10 @@ class LayeredRaycaster:
                 splits, geom, prim, uv, eng.geom_face_offset, eng.geom_faces, cand_ptr,
                 self._tri, self._faces, self._vmerge, self._star_ptr, self._star_idx,
                 self._face_inst, self._face_local, self._face_normal,
-                o, dirs[s:e], xo, out_dirs[s:e], out_rot, NEAR_BORDER, K,
+                o, dirs[s:e], out_rot, NEAR_BORDER, K,
                 np.empty(C, np.int64), np.empty(C, np.float64), np.empty(C, np.float64),
                 np.empty(C, np.float64), np.empty(C, np.bool_),
-                out["depth"][:, s:e], out["xyz"][:, s:e], out["normal"][:, s:e], out["front_facing"][:, s:e],
+                out["depth"][:, s:e], out["normal"][:, s:e], out["front_facing"][:, s:e],
                 out["face_id"][:, s:e], out["instance_id"][:, s:e], out["bary"][:, s:e], out["num_hits"][s:e],
             )
         return out
@@ -274,10 +285,10 @@ class _Open3DEngine:
             self.geom_face_offset[gid] = starts[g]
 
     def hits(self, rays32: np.ndarray):
-        """CSR ray splits (R+1,) int64, geometry and primitive ids (M,) uint32, barycentrics (M, 2) float32."""
+        """CSR ray splits (R+1,), geometry and primitive ids (M,), all uint32, barycentrics (M, 2) float32."""
         res = self._scene.list_intersections(self._o3c.Tensor(rays32), nthreads=self.num_threads)
-        splits = res["ray_splits"].numpy().astype(np.int64)
-        return splits, res["geometry_ids"].numpy(), res["primitive_ids"].numpy(), res["primitive_uvs"].numpy()
+        return (res["ray_splits"].numpy(), res["geometry_ids"].numpy(), res["primitive_ids"].numpy(),
+                res["primitive_uvs"].numpy())
 
 
 class _EmbreeEngine:
@@ -324,5 +335,5 @@ class _EmbreeEngine:
                 org[active] += t[:, None] * dirs[active]
         rid = np.concatenate(rid)
         order = np.argsort(rid, kind="stable")
-        splits = np.concatenate([[0], np.cumsum(np.bincount(rid, minlength=R))]).astype(np.int64)
+        splits = np.concatenate([[0], np.cumsum(np.bincount(rid, minlength=R))]).astype(np.uint32)
         return splits, np.concatenate(geom)[order], np.concatenate(prim)[order], np.concatenate(uv)[order]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from wt_datagen.assets import load_asset, make_builtin_assets, normalise_to_unit_box
+from wt_datagen.assets import asset_to_world, load_asset, make_builtin_assets
 from wt_datagen.cast import LayeredRaycaster
 from wt_datagen.cli import main as cli_main
 from wt_datagen.config import RenderConfig
@@ -65,7 +65,7 @@ def _raw_cast_seconds(asset_dir: Path, cfg: RenderConfig) -> float:
     total = 0.0
     for item in plan_items(asset_dir):
         asset = load_asset(item.path, asset_dir)
-        T = normalise_to_unit_box(asset.meshes)
+        T = asset_to_world(asset.meshes)
         meshes = [m.apply_transform(T) for m in asset.meshes]
         t0 = time.perf_counter()
         rc = LayeredRaycaster(meshes, backend=cfg.backend)
@@ -113,7 +113,7 @@ def _encoding_table(asset_dir: Path, cfg: RenderConfig) -> list[tuple]:
     savez_compressed (zlib level 6) and PNG level 6."""
     item = plan_items(asset_dir)[0]
     asset = load_asset(item.path, asset_dir)
-    meshes = [m.apply_transform(normalise_to_unit_box(asset.meshes)) for m in asset.meshes]
+    meshes = [m.apply_transform(asset_to_world(asset.meshes)) for m in asset.meshes]
     rc = LayeredRaycaster(meshes)
     hits = rc.cast(view_camera(cfg.cameras, cfg.seed, asset.asset_id, 0, rc.bounds, RES), K)
     arrays = layer_arrays(hits)
