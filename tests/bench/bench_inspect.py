@@ -24,7 +24,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "render_configs" / "objects.yaml"
 
 def _render(tmp: Path) -> tuple[Path, float, dict[str, list]]:
     """Built-in assets rendered by the CLI: (shard folder, seconds, {asset_id: meshes in world frame})."""
-    from wt_datagen.assets import load_asset, make_builtin_assets, normalise_to_unit_box
+    from wt_datagen.assets import asset_to_world, load_asset, make_builtin_assets
     from wt_datagen.cli import main as cli
 
     assets = tmp / "assets"
@@ -60,7 +60,7 @@ def _render(tmp: Path) -> tuple[Path, float, dict[str, list]]:
             a = load_asset(path, assets)
         except ValueError:
             continue
-        T = normalise_to_unit_box(a.meshes)
+        T = asset_to_world(a.meshes)
         meshes[a.asset_id] = [m.apply_transform(T) for m in a.meshes]
     return out, seconds, meshes
 
