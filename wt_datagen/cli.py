@@ -17,14 +17,20 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wt-datagen", description=__doc__.splitlines()[0])
+def build_parser(prog: str, description: str, commands: dict[str, tuple[str, str]]) -> argparse.ArgumentParser:
+    """A parser with one subcommand per ``commands`` entry (name -> (module, help)); the chosen module's
+    name is left in ``args._module``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (module, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
         importlib.import_module(module).add_arguments(p)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser("wt-datagen", __doc__.splitlines()[0], COMMANDS).parse_args(argv)
     return int(importlib.import_module(args._module).run(args))
 
 

@@ -193,22 +193,16 @@ def _load_npz(s: Sample, name: str, expected: Iterable[str], extras: bool = Fals
         s.problem(name, f"corrupt npz ({type(e).__name__}: {e})")
         return out
     with npz:
-        for f in expected:
-            if f not in npz.files:
-                s.problem(f"{name}:{f}", "missing field")
+        expected = list(expected)
+        others = sorted(set(npz.files) - set(expected))
+        for f in expected + others:
+            if f not in npz.files or (f in others and not extras):
+                s.problem(f"{name}:{f}", "missing field" if f not in npz.files else "unexpected field")
                 continue
             try:
                 out[f] = npz[f]
             except Exception as e:
                 s.problem(f"{name}:{f}", f"corrupt array ({type(e).__name__}: {e})")
-        for extra in sorted(set(npz.files) - set(expected)):
-            if not extras:
-                s.problem(f"{name}:{extra}", "unexpected field")
-                continue
-            try:
-                out[extra] = npz[extra]
-            except Exception as e:
-                s.problem(f"{name}:{extra}", f"corrupt array ({type(e).__name__}: {e})")
     return out
 
 

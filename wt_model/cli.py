@@ -6,10 +6,10 @@ Each subcommand lives in the module that does the work; that module exposes ``ad
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
+from wt_datagen.cli import build_parser
 from wt_model.checkpoint import CheckpointError
 from wt_model.data import DataError
 
@@ -21,13 +21,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="wt-model", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
-    args = parser.parse_args(argv)
+    args = build_parser("wt-model", __doc__.splitlines()[0], COMMANDS).parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args))
     except (DataError, CheckpointError) as e:
