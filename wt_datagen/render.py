@@ -116,16 +116,23 @@ def render_asset(item: WorkItem, cfg: RenderConfig, asset_dir: str, progress: Pr
         "version": __version__,
     }
     samples, image_mode = [], ""
-    for view in range(cfg.views):
-        camera = view_camera(cfg.cameras, cfg.seed, asset.asset_id, view, bounds, cfg.resolution)
-        hits = caster.cast(camera, cfg.layers)
-        clock.lap("cast")
-        rgb, image_mode = _image(asset.meshes, camera, hits, cfg)
-        clock.lap("image")
-        samples.append(
-            encode_sample(sample_key(asset.asset_id, view), rgb, hits, camera, {**meta, "view_index": view},
-                          cfg.encoding.png_level, cfg.encoding.npz_level)
-        )
+    # Encoding (numpy conversions, deflate, PNG: mostly outside the GIL) of view i runs in a thread while
+    # view i + 1 is cast and imaged; one view in flight bounds the memory.
+    with cf.ThreadPoolExecutor(1) as encoder:
+        pending = None
+        for view in range(cfg.views):
+            camera = view_camera(cfg.cameras, cfg.seed, asset.asset_id, view, bounds, cfg.resolution)
+            hits = caster.cast(camera, cfg.layers)
+            clock.lap("cast")
+            rgb, image_mode = _image(asset.meshes, camera, hits, cfg)
+            clock.lap("image")
+            if pending is not None:
+                samples.append(pending.result())
+                progress(item.rel_path, 1)
+            pending = encoder.submit(encode_sample, sample_key(asset.asset_id, view), rgb, hits, camera,
+                                     {**meta, "view_index": view}, cfg.encoding.png_level, cfg.encoding.npz_level)
+            clock.lap("encode")
+        samples.append(pending.result())
         clock.lap("encode")
         progress(item.rel_path, 1)
     status = ItemStatus(item.rel_path, item.kind, asset.asset_id, "rendered", samples=len(samples),
