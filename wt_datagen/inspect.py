@@ -16,6 +16,7 @@ import sys
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -242,9 +243,17 @@ def decode(s: Sample) -> Sample:
 
 
 def read_samples(paths: Iterable[Path]) -> Iterator[Sample | Problem]:
-    """Decoded samples and tar-level problems, in shard order."""
-    for item in iter_raw(paths):
-        yield decode(item) if isinstance(item, Sample) else item
+    """Decoded samples and tar-level problems, in shard order. The next sample is decoded in a thread while
+    the caller works on this one: inflating and the numpy checks both run mostly outside the GIL."""
+    with ThreadPoolExecutor(1) as pool:
+        ahead = None
+        for item in iter_raw(paths):
+            nxt = pool.submit(decode, item) if isinstance(item, Sample) else item
+            if ahead is not None:
+                yield ahead.result() if isinstance(ahead, Future) else ahead
+            ahead = nxt
+        if ahead is not None:
+            yield ahead.result() if isinstance(ahead, Future) else ahead
 
 
 # ------------------------------------------------------------------------------------------- validation
