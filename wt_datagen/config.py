@@ -85,7 +85,6 @@ class EncodingConfig:
     npz_level: int = 1
 
 
-# --- sequences (issue 4; owner: wt_datagen/sequence.py) ------------------------------------------------
 @dataclass(frozen=True)
 class SequenceConfig:
     """Dynamic assets (mesh sequences, ``scene.json`` scenes): clips, their camera trajectories and tracks.
@@ -113,9 +112,6 @@ class SequenceConfig:
     query_frame: int = 0
 
 
-# --- end sequences ------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class RenderConfig:
     """A resolved render config. ``workers`` changes only how fast, never what is rendered."""
@@ -132,7 +128,7 @@ class RenderConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
     encoding: EncodingConfig = field(default_factory=EncodingConfig)
-    sequences: SequenceConfig = field(default_factory=SequenceConfig)  # issue 4 (sequences)
+    sequences: SequenceConfig = field(default_factory=SequenceConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -244,7 +240,7 @@ def _check_values(cfg: RenderConfig, path: Path) -> None:
     need(cfg.shards.max_megabytes > 0, "shards.max_megabytes", "must be positive", cfg.shards.max_megabytes)
     need(0 <= cfg.encoding.png_level <= 9, "encoding.png_level", "must be in 0..9", cfg.encoding.png_level)
     need(0 <= cfg.encoding.npz_level <= 3, "encoding.npz_level", "must be in 0..3", cfg.encoding.npz_level)
-    # --- sequences (issue 4) ---
+    # sequences
     q = cfg.sequences
     for key, low in (("clips", 1), ("frame_stride", 1), ("query_stride", 1), ("random_keypoints", 2),
                      ("clip_length", 0), ("query_frame", 0)):

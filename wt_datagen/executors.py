@@ -1,4 +1,4 @@
-"""Scale-out for `wt-datagen render` (issue 7): parts of a plan for independent jobs, and the Ray executor.
+"""Scale-out for `wt-datagen render`: parts of a plan for independent jobs, and the Ray executor.
 
 Parts (``--shard-index I --num-shards N``): an item belongs to part ``sha256(rel_path) mod N``, stable across
 machines and Python runs and independent of the other items, so N jobs with no shared scheduler (a SLURM

@@ -32,7 +32,7 @@ SCHEMA_VERSIONS = {SCHEMA_VERSION}
 VIEW_FILES = ("rgb.png", "layers.npz", "camera.json", "meta.json")
 CLIP_FILES = ("tracks.npz", "cameras.json", "meta.json")
 LAYER_TRAILING = {"normal": (3,)}  # a field's shape after (K, H, W); num_hits alone is per pixel, (H, W)
-# required clip track fields (issue 4); others (query_face, timestamp, ...) are read and allowed
+# required clip track fields; others (query_face, timestamp, ...) are read and allowed
 TRACK_FIELDS = ("query_frame", "query_layer", "query_pixel", "world_xyz", "cam_xyz", "uv", "layer_index")
 META_KEYS = (
     "schema_version",

@@ -5,7 +5,7 @@ the item and the resolved config, returning an :class:`ItemResult` (encoded samp
 so any executor can run it; :func:`execute_local` runs items in W worker processes and hands results back in
 plan order to the single shard writer (:class:`wt_datagen.shard.ShardSet`), which makes the shards the same
 whatever W is. Resumption: finished items are read back from the journal and not planned again.
-Scale-out (issue 7, :mod:`wt_datagen.executors`): the Ray executor plugs into :func:`run_items` the same way,
+Scale-out (:mod:`wt_datagen.executors`): the Ray executor plugs into :func:`run_items` the same way,
 and ``--shard-index/--num-shards`` renders one part of the plan for independent jobs.
 """
 
@@ -58,13 +58,11 @@ ProgressFn = Callable[[str, int], None]  # (rel_path, views done since the last 
 def plan_items(asset_dir: str | Path, limit: int | None = None) -> list[WorkItem]:
     """The static assets and sequences under ``asset_dir`` in a stable order, the first ``limit`` of them."""
     root = Path(asset_dir)
-    # --- sequences (issue 4, wt_datagen/sequence.py): their files are not static assets ---
     sequences = find_sequences(root) if root.is_dir() else []
-    items = [WorkItem("asset", str(p), p.relative_to(root).as_posix())
+    items = [WorkItem("asset", str(p), p.relative_to(root).as_posix())  # a sequence's files are not assets
              for p in static_files(discover_assets(root), sequences)]
     items += [WorkItem("sequence", str(s.path), s.path.relative_to(root).as_posix()) for s in sequences]
     items.sort(key=lambda it: it.rel_path)
-    # --- end sequences ---
     return items[:limit] if limit is not None else items
 
 
@@ -271,7 +269,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="remove earlier shards in --out and start afresh")
     parser.add_argument("--strict", action="store_true",
                         help="exit non-zero if any asset was skipped or failed")
-    # --- scale-out (issue 7; wt_datagen/executors.py) ---
+    # scale-out (executors.py)
     parser.add_argument("--executor", choices=("local", "ray"), default="local",
                         help="local: --workers processes here; ray: Ray tasks (the ray extra) (default: %(default)s)")
     parser.add_argument("--ray-address", metavar="HOST:PORT",
@@ -282,7 +280,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="render only part I (from 0) of --num-shards, a fixed split of the assets")
     parser.add_argument("--num-shards", type=int, default=1, metavar="N",
                         help="number of independent jobs sharing the assets, each with its own shards")
-    # --- end scale-out ---
 
 
 def run(args: argparse.Namespace) -> int:
@@ -296,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
         items = plan_items(args.asset_dir, args.limit)
         if not items:
             raise AssetError(f"{args.asset_dir}: no mesh files found")
-        mine = select_part(items, args.shard_index, args.num_shards)  # issue 7: this job's part
+        mine = select_part(items, args.shard_index, args.num_shards)  # this job's part
         shards = ShardSet(
             args.out,
             cfg.shards.max_samples,
@@ -358,13 +355,12 @@ def run_items(todo: list[WorkItem], cfg: RenderConfig, asset_dir: str, shards: S
         bar.refresh()
 
     def on_result(result: ItemResult | WrittenShard) -> None:
-        # --- scale-out (issue 7): a shard a remote task wrote itself is journaled here ---
+        # a shard a remote task wrote itself is journaled here
         if isinstance(result, WrittenShard):
             shards.adopt(result)
             for st in result.statuses:
                 tally(st)
             return
-        # --- end scale-out ---
         if result.status.status == "rendered":
             shards.add(result.status, result.samples)
         else:

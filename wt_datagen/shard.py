@@ -7,7 +7,7 @@ that shard's journal line is on disk, one line per shard, appended after the ren
 (SIGKILL included), :meth:`ShardSet.open` removes temporary shards and complete shards no journal recorded, so
 every journaled item is in exactly one shard and every other item is rendered again.
 
-Several writers may share a folder (issue 7): the whole-dataset writer (``part=""``: ``shard-NNNNNN.tar``,
+Several writers may share a folder: the whole-dataset writer (``part=""``: ``shard-NNNNNN.tar``,
 ``journal.jsonl``) and part writers (``part="-p00001of00004"``: ``shard-p00001of00004-NNNNNN.tar``,
 ``journal-p00001of00004.jsonl``). Each also journals shards written for it by remote tasks
 (:class:`ShardWriter` in another process, names ``{its prefix}-{task}-NNNNNN.tar``; :meth:`ShardSet.adopt`).
