@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 import trimesh
 import webdataset as wds
 
+from tests.waiting import wait_while_running
 from wt_datagen.assets import load_asset, make_builtin_assets
 from wt_datagen.camera import Camera
 from wt_datagen.cast import LayeredRaycaster
@@ -444,9 +444,7 @@ def test_resume_after_sigkill_gives_every_sample_exactly_once(assets, good_asset
     env = {**os.environ, "PYOPENGL_PLATFORM": os.environ.get("PYOPENGL_PLATFORM", "osmesa")}
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and len(list(out.glob("shard-*.tar"))) < 3:
-        time.sleep(0.05)
+    wait_while_running(proc, lambda: len(list(out.glob("shard-*.tar"))) >= 3, limit_s=120)
     assert proc.poll() is None, "the render ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # the parent and its workers, mid-run
     proc.wait()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.waiting import wait_while_running
 from wt_datagen.assets import make_builtin_assets
 from wt_datagen.cli import main
 from wt_datagen.executors import select_part
@@ -271,11 +272,7 @@ def test_ray_run_killed_half_way_resumes_exactly_once(ray_cluster, many, config,
     proc = ray_cluster.render(str(many), "--config", str(config), "--out", str(out),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = out / "journal.jsonl"
-    deadline = time.time() + 150
-    while time.time() < deadline and proc.poll() is None:
-        if journal.exists() and journal.read_text().count('"shard"') >= 2:
-            break
-        time.sleep(0.05)
+    wait_while_running(proc, lambda: journal.exists() and journal.read_text().count('"shard"') >= 2, limit_s=150)
     assert proc.poll() is None, "the render ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, mid-run; its job's tasks die with it
     proc.wait()
