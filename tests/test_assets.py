@@ -11,15 +11,8 @@ import trimesh
 from PIL import Image
 
 from wt_datagen import LayeredRaycaster
-from wt_datagen.assets import (
-    AssetError,
-    asset_id_for,
-    asset_to_world,
-    discover_assets,
-    load_asset,
-    make_builtin_assets,
-    run,
-)
+from wt_datagen.inputs.assets import AssetError, asset_id_for, asset_to_world, discover_assets, load_asset
+from wt_datagen.inputs.builtin import make_builtin_assets, run
 
 PYBULLET = Path(pybullet_data.getDataPath())
 TRI = "v 0 0 0\nv 1 0 0\nv 0 1 0\n"
@@ -234,7 +227,7 @@ def test_builtin_assets_have_many_layers(builtin, name, origin, direction, cross
 
 def test_make_assets_command(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    from wt_datagen.assets import add_arguments
+    from wt_datagen.inputs.builtin import add_arguments
 
     add_arguments(parser)
     assert run(parser.parse_args([str(tmp_path / "out")])) == 0

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from wt_datagen.config import ConfigError, RenderConfig, config_from_dict, load_config
+from wt_datagen.pipeline.config import ConfigError, RenderConfig, config_from_dict, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "render_configs"
 

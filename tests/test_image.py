@@ -12,8 +12,9 @@ import trimesh
 from PIL import Image
 
 from wt_datagen import Camera, LayeredRaycaster
-from wt_datagen.assets import asset_to_world, load_asset, make_builtin_assets
-from wt_datagen.image import AMBIENT, GLUnavailable, render_depth, render_rgb
+from wt_datagen.image.rgb import AMBIENT, GLUnavailable, render_depth, render_rgb
+from wt_datagen.inputs.assets import asset_to_world, load_asset
+from wt_datagen.inputs.builtin import make_builtin_assets
 
 PYBULLET = Path(pybullet_data.getDataPath())
 
@@ -184,7 +185,7 @@ def test_gl_unavailable_is_a_clear_error():
     code = """
 import trimesh
 from wt_datagen import Camera
-from wt_datagen.image import render_rgb, GLUnavailable
+from wt_datagen.image.rgb import render_rgb, GLUnavailable
 try:
     render_rgb([trimesh.creation.box()], Camera.look_at([3, 3, 3], [0, 0, 0], width=8, height=8))
 except GLUnavailable as e:

@@ -1,6 +1,6 @@
 """`wt-datagen inspect`: summary figures against the raw caster arrays, validation of damaged shards,
 contact sheets and PLY export. Shards are built from real caster output with the project's one writer
-(``wt_datagen.sample.encode_sample`` + ``webdataset.TarWriter``)."""
+(``wt_datagen.schema.encode_sample`` + ``webdataset.TarWriter``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from PIL import Image
 from wt_datagen import Camera, LayeredRaycaster, depth_to_xyz
 from wt_datagen import inspect as wi
 from wt_datagen.cli import main
-from wt_datagen.sample import encode_npz, encode_sample, layer_arrays
+from wt_datagen.schema import encode_npz, encode_sample, layer_arrays
 
 W, H, K = 40, 32, 3  # non-square on purpose; K=3 truncates the box-in-box rays (4 crossings)
 
@@ -284,10 +284,10 @@ def test_cli_validate_prints_one_line_per_problem(data, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def clip(data):
-    """A clip track sample from the project's tracker (``wt_datagen.tracks``): a sphere moving inside a box,
+    """A clip track sample from the project's tracker (``wt_datagen.geometry.tracks``): a sphere moving inside a box,
     queries on every layer of frame 0, an orbiting camera; written next to the clip's first frame."""
-    from wt_datagen.sequence import Clip, RigidScene
-    from wt_datagen.tracks import ClipTracker, cameras_json
+    from wt_datagen.geometry.tracks import Clip, ClipTracker, cameras_json
+    from wt_datagen.inputs.sequences import RigidScene
 
     T = 4
     box, ball = _asset_meshes()["nested"]

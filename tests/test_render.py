@@ -23,14 +23,15 @@ import trimesh
 import webdataset as wds
 
 from tests.waiting import wait_while_running
-from wt_datagen.assets import load_asset, make_builtin_assets
 from wt_datagen.camera import Camera
-from wt_datagen.cast import LayeredRaycaster
 from wt_datagen.cli import main
-from wt_datagen.config import CameraConfig
-from wt_datagen.sample import decode_sample, encode_npz, encode_sample, sample_key
-from wt_datagen.shard import JOURNAL, ItemStatus, ResumeError, ShardSet
-from wt_datagen.views import view_camera
+from wt_datagen.geometry.cast import LayeredRaycaster
+from wt_datagen.inputs.assets import load_asset
+from wt_datagen.inputs.builtin import make_builtin_assets
+from wt_datagen.pipeline.cameras import view_camera
+from wt_datagen.pipeline.config import CameraConfig
+from wt_datagen.pipeline.shards import JOURNAL, ItemStatus, ResumeError, ShardSet
+from wt_datagen.schema import decode_sample, encode_npz, encode_sample, sample_key
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {"rgb.png", "layers.npz", "camera.json", "meta.json"}
@@ -390,8 +391,7 @@ def test_overwrite_starts_afresh(assets, tmp_path):
 
 
 def test_without_opengl_the_image_falls_back_to_ray_tracing(good_assets, tmp_path, monkeypatch):
-    import wt_datagen.image as image
-    import wt_datagen.render as render
+    import wt_datagen.image.rgb as image
 
     real = image.render_rgb
 
@@ -401,14 +401,14 @@ def test_without_opengl_the_image_falls_back_to_ray_tracing(good_assets, tmp_pat
         return real(meshes, camera, background=background, mode=mode, hits=hits)
 
     monkeypatch.setattr(image, "render_rgb", no_gl)
-    monkeypatch.setattr(render, "_GL_FAILED", False)
+    monkeypatch.setattr(image, "_GL_FAILED", False)
     out = tmp_path / "out"
     assert _render(good_assets, out, _config(tmp_path), "--limit", "2") == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["image"] for s in manifest["assets"].values()] == ["raytrace", "raytrace"]
     for s in _read(out).values():  # a shading of layer 0: the masks agree exactly
         assert np.array_equal(s["rgb.png"].any(-1), s["layers.npz"]["valid"][0])
-    monkeypatch.setattr(render, "_GL_FAILED", False)
+    monkeypatch.setattr(image, "_GL_FAILED", False)
     config = _config(tmp_path, image={"fallback": "none"})
     assert _render(good_assets, tmp_path / "none", config, "--limit", "1") == 1
     status = json.loads((tmp_path / "none" / "manifest.json").read_text())["assets"]

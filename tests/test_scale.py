@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from tests.waiting import wait_while_running
-from wt_datagen.assets import make_builtin_assets
 from wt_datagen.cli import main
-from wt_datagen.executors import select_part
-from wt_datagen.render import plan_items
+from wt_datagen.inputs.builtin import make_builtin_assets
+from wt_datagen.pipeline.executors import select_part
+from wt_datagen.pipeline.plan import plan_items
 
 ROOT = Path(__file__).resolve().parents[1]
 

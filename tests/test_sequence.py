@@ -14,19 +14,12 @@ import trimesh
 from scipy.spatial.transform import Rotation
 
 from wt_datagen.camera import Camera
-from wt_datagen.cast import LayeredRaycaster
-from wt_datagen.config import SequenceConfig
-from wt_datagen.sequence import (
-    Clip,
-    SequenceError,
-    find_sequences,
-    interpolate_poses,
-    load_sequence,
-    make_builtin_sequences,
-    make_clip,
-    static_files,
-)
-from wt_datagen.tracks import ClipTracker, cameras_json, layer_index, material_points, pick_queries
+from wt_datagen.geometry.cast import LayeredRaycaster
+from wt_datagen.geometry.tracks import Clip, ClipTracker, cameras_json, layer_index, material_points, pick_queries
+from wt_datagen.inputs.builtin import make_builtin_sequences
+from wt_datagen.inputs.sequences import SequenceError, find_sequences, interpolate_poses, load_sequence, static_files
+from wt_datagen.pipeline.cameras import make_clip
+from wt_datagen.pipeline.config import SequenceConfig
 
 RES, LAYERS, STRIDE = 48, 6, 3
 

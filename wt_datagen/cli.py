@@ -6,27 +6,16 @@ and ``run(args) -> int`` (the exit code).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
+from .console import build_parser
+
 COMMANDS = {
-    "make-assets": ("wt_datagen.assets", "write the built-in procedural assets to a folder"),
-    "render": ("wt_datagen.render", "render an asset folder into sharded WebDataset layered targets"),
-    "inspect": ("wt_datagen.inspect", "summarise, validate, picture and export shards"),
+    "make-assets": ("wt_datagen.inputs.builtin", "write the built-in procedural assets to a folder"),
+    "render": ("wt_datagen.pipeline.render", "render an asset folder into sharded WebDataset layered targets"),
+    "inspect": ("wt_datagen.inspect.cli", "summarise, validate, picture and export shards"),
 }
-
-
-def build_parser(prog: str, description: str, commands: dict[str, tuple[str, str]]) -> argparse.ArgumentParser:
-    """A parser with one subcommand per ``commands`` entry (name -> (module, help)); the chosen module's
-    name is left in ``args._module``."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module, help_text) in commands.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from wt_datagen.cli import build_parser
+from wt_datagen.console import build_parser
 from wt_model.checkpoint import CheckpointError
 from wt_model.data import DataError
 

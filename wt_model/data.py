@@ -19,13 +19,10 @@ missing entries never look like outliers; the paper fills them with fresh noise 
 
 from __future__ import annotations
 
-import glob
 import io
-import json
 import math
 import os
 import random
-import zipfile
 from dataclasses import dataclass
 from itertools import count, islice
 
@@ -34,9 +31,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from wt_datagen import reader
 from wt_datagen.camera import Camera
-
-SCHEMA_VERSION = 1
+from wt_datagen.schema import SchemaError, decode_files
 
 
 class DataError(ValueError):
@@ -44,18 +41,12 @@ class DataError(ValueError):
 
 
 def expand_shards(pattern: str) -> list[str]:
-    """Local shard paths from a brace pattern ('out/shard-{000000..000031}.tar') or a glob ('out/*.tar')."""
-    if any(c in pattern for c in "*?["):
-        urls = sorted(glob.glob(pattern))
-    else:
-        urls = wds.shardlists.expand_urls(pattern)
-        missing = [u for u in urls if not os.path.exists(u)]
-        if missing:
-            raise DataError(f"shards {pattern!r}: {len(missing)} of {len(urls)} files do not exist "
-                            f"(first: {missing[0]})")
-    if not urls:
-        raise DataError(f"shards {pattern!r}: the pattern matches no file")
-    return urls
+    """Local shard paths from a brace pattern ('out/shard-{000000..000031}.tar'), a glob ('out/*.tar'), a file
+    or a folder (:func:`wt_datagen.reader.expand_shards`)."""
+    try:
+        return [str(p) for p in reader.expand_shards(pattern)]
+    except reader.ShardError as e:
+        raise DataError(f"shards {e}") from None
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -105,17 +96,13 @@ def decode_sample(sample: dict, image_size: int, num_layers: int) -> dict:
     """
     where = f"shard {sample.get('__url__', '?')} sample {sample.get('__key__', '?')}"
     try:
-        meta = json.loads(sample["meta.json"])
-        if meta.get("schema_version") != SCHEMA_VERSION:
-            raise DataError(f"{where}: schema_version {meta.get('schema_version')!r}, expected {SCHEMA_VERSION}")
-        camera = Camera.from_json(json.loads(sample["camera.json"]))
-        rgb = np.asarray(Image.open(io.BytesIO(sample["rgb.png"])).convert("RGB"))  # (H,W,3) uint8
-        with np.load(io.BytesIO(sample["layers.npz"]), allow_pickle=False) as z:
-            depth, valid = z["depth"][:num_layers].astype(np.float64), z["valid"][:num_layers]  # (K',H,W)
-    except DataError:
-        raise
-    except (KeyError, OSError, ValueError, zipfile.BadZipFile) as e:  # missing file, corrupt PNG/npz/JSON
-        raise DataError(f"{where}: unreadable ({type(e).__name__}: {e})") from None
+        d = decode_files(sample, layer_fields=("depth", "valid"), check_files=False)
+        camera = Camera.from_json(d["camera"])
+        rgb, depth = d["rgb"], d["layers"]["depth"][:num_layers].astype(np.float64)  # (H,W,3) uint8; (K',H,W)
+        valid = d["layers"]["valid"][:num_layers]
+    except (SchemaError, KeyError, TypeError, ValueError) as e:  # missing file, corrupt PNG/npz/JSON, version
+        what = str(e) if isinstance(e, SchemaError) else f"{type(e).__name__}: {e}"
+        raise DataError(f"{where}: unreadable ({what})") from None
     H, W = depth.shape[1:]
     if rgb.shape[:2] != (H, W):
         raise DataError(f"{where}: rgb.png is {rgb.shape[1]}x{rgb.shape[0]} but layers.npz is {W}x{H}")

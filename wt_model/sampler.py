@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import trimesh
 from PIL import Image
 
 from wt_model.checkpoint import load_model
@@ -68,6 +67,8 @@ def write_ply(path: str | Path, points: np.ndarray, valid: np.ndarray, img: np.n
     colours = np.broadcast_to(LAYER_COLOURS[np.arange(len(points)) % len(LAYER_COLOURS), None, None],
                               valid.shape + (3,)).copy()
     colours[0] = img
+    import trimesh  # only here: importing the model code needs no mesh library
+
     trimesh.PointCloud(points[valid], colors=colours[valid]).export(str(path))
 
 

@@ -22,8 +22,9 @@ CONFIG = Path(__file__).resolve().parents[2] / "render_configs" / "objects.yaml"
 
 def _render(tmp: Path) -> tuple[Path, float, dict[str, list]]:
     """Built-in assets rendered by the CLI: (shard folder, seconds, {asset_id: meshes in world frame})."""
-    from wt_datagen.assets import asset_to_world, load_asset, make_builtin_assets
     from wt_datagen.cli import main as cli
+    from wt_datagen.inputs.assets import asset_to_world, load_asset
+    from wt_datagen.inputs.builtin import make_builtin_assets
 
     assets = tmp / "assets"
     make_builtin_assets(assets)

@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from wt_datagen.assets import asset_to_world, load_asset, make_builtin_assets
-from wt_datagen.cast import LayeredRaycaster
 from wt_datagen.cli import main as cli_main
-from wt_datagen.config import RenderConfig
-from wt_datagen.render import plan_items
-from wt_datagen.sample import encode_npz, encode_png, layer_arrays
-from wt_datagen.views import view_camera
+from wt_datagen.geometry.cast import LayeredRaycaster
+from wt_datagen.inputs.assets import asset_to_world, load_asset
+from wt_datagen.inputs.builtin import make_builtin_assets
+from wt_datagen.pipeline.cameras import view_camera
+from wt_datagen.pipeline.config import RenderConfig
+from wt_datagen.pipeline.plan import plan_items
+from wt_datagen.schema import encode_npz, encode_png, layer_arrays
 
 RES, K, VIEWS = 512, 8, 4
 # Real textured meshes that ship with pybullet (obj + mtl + texture).

@@ -17,9 +17,10 @@ import numpy as np
 import trimesh
 
 from wt_datagen import LayeredRaycaster
-from wt_datagen.config import SequenceConfig
-from wt_datagen.sequence import find_sequences, load_sequence, make_clip
-from wt_datagen.tracks import ClipTracker
+from wt_datagen.geometry.tracks import ClipTracker
+from wt_datagen.inputs.sequences import find_sequences, load_sequence
+from wt_datagen.pipeline.cameras import make_clip
+from wt_datagen.pipeline.config import SequenceConfig
 
 T, RES, K, REPEATS = 48, 256, 8, 3
 

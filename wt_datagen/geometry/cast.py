@@ -15,8 +15,9 @@ import numba
 import numpy as np
 import trimesh
 
-from ._kernels import count_candidates, pinhole_rays, resolve_layers
-from .camera import Camera
+from ..camera import Camera
+from ..inputs.meshes import MeshError, mesh_problem
+from .kernels import count_candidates, pinhole_rays, resolve_layers
 
 # A hit whose barycentric coordinate is below this is near its triangle's border: the faces around its
 # vertices become candidates too, in case the engine reported a crossing at a shared edge on another face
@@ -24,10 +25,6 @@ from .camera import Camera
 NEAR_BORDER = 1e-4
 CHUNK_RAYS = 1 << 18  # rays per engine call: bounds the memory of the raw hit lists
 MAX_GEOMETRIES = 4096  # engine geometries per scene (see _body_groups)
-
-
-class MeshError(ValueError):
-    """A mesh the caster cannot use; the message names the mesh and the problem."""
 
 
 @dataclass
@@ -96,17 +93,9 @@ def _checked_arrays(name: str, mesh: trimesh.Trimesh, transform: np.ndarray) -> 
     """World-space float32 vertices and int64 faces of one instance, or a MeshError saying what is wrong."""
     v = np.asarray(mesh.vertices, dtype=np.float64)
     f = np.asarray(mesh.faces)
-    if f.ndim != 2 or f.shape[1] != 3 or len(f) == 0:
-        raise MeshError(f"mesh '{name}': has no triangle faces (faces array shape {f.shape})")
-    if v.ndim != 2 or v.shape[1] != 3 or len(v) == 0:
-        raise MeshError(f"mesh '{name}': has no vertices (vertices array shape {v.shape})")
-    bad = ~np.isfinite(v).all(axis=1)
-    if bad.any():
-        raise MeshError(f"mesh '{name}': {int(bad.sum())} of {len(v)} vertices are NaN or infinite")
-    if not np.issubdtype(f.dtype, np.integer):
-        raise MeshError(f"mesh '{name}': face indices have dtype {f.dtype}, expected integers")
-    if f.min() < 0 or f.max() >= len(v):
-        raise MeshError(f"mesh '{name}': face indices span [{f.min()}, {f.max()}], outside [0, {len(v) - 1}]")
+    problem = mesh_problem(v, f)
+    if problem:
+        raise MeshError(f"mesh '{name}': {problem}")
     v = trimesh.transform_points(v, transform) if not np.array_equal(transform, np.eye(4)) else v
     v32 = v.astype(np.float32)
     if not np.isfinite(v32).all():

@@ -18,7 +18,7 @@ import os
 import numpy as np
 import trimesh
 
-from .camera import Camera
+from ..camera import Camera
 
 AMBIENT = 0.3  # share of light that does not depend on the normal
 DEFAULT_COLOUR = (0.8, 0.8, 0.8)  # surfaces without colour (pyrender's default material is white-ish too)
@@ -168,6 +168,25 @@ def render_rgb(
     if out is None:
         return np.broadcast_to(bg.round().astype(np.uint8), (camera.height, camera.width, 3)).copy()
     return np.ascontiguousarray(out[0][..., :3])
+
+
+_GL_FAILED = False  # this process found OpenGL unusable once: go straight to the fallback afterwards
+
+
+def view_image(meshes, camera: Camera, hits, renderer: str = "pyrender", fallback: str = "raytrace",
+               background=(0, 0, 0)) -> tuple[np.ndarray, str]:
+    """(H, W, 3) uint8 image of a view and the renderer that made it: ``renderer`` ("pyrender" or
+    "raytrace"), falling back to ray tracing when OpenGL is unusable and ``fallback`` is "raytrace"; with
+    ``fallback`` "none" that raises ValueError (a per-item problem)."""
+    global _GL_FAILED
+    if renderer == "pyrender" and not _GL_FAILED:
+        try:
+            return render_rgb(meshes, camera, background=background, mode="pyrender", hits=hits), "pyrender"
+        except GLUnavailable as e:
+            if fallback == "none":
+                raise ValueError(f"OpenGL unavailable and image.fallback is none ({e})") from None
+            _GL_FAILED = True
+    return render_rgb(meshes, camera, background=background, mode="raytrace", hits=hits), "raytrace"
 
 
 def render_depth(meshes: list[trimesh.Trimesh], camera: Camera) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Dynamic assets: mesh sequences and rigid-motion scenes, their clips, and camera trajectories.
+"""Dynamic assets: mesh sequences and rigid-motion scenes.
 
 Two kinds of sequence are found in an asset folder next to static assets:
 
@@ -9,8 +9,8 @@ Two kinds of sequence are found in an asset folder next to static assets:
   or keyframes (translation interpolated linearly, rotation by slerp).
 
 A sequence yields world-space instance meshes for any frame; face arrays never change over time, so a
-material point (instance, face, barycentric) can be followed through deformation or rigid motion. A clip is a
-run of frames seen by one camera trajectory; every camera is a pure function of (seed, sequence id, clip).
+material point (instance, face, barycentric) can be followed through deformation or rigid motion. Clips and
+their cameras are the pipeline's (``pipeline.cameras``).
 """
 
 from __future__ import annotations
@@ -23,16 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import trimesh
-from scipy.interpolate import PchipInterpolator
 from scipy.spatial.transform import Rotation, Slerp
 
-from wt_datagen.assets import MESH_SUFFIXES, AssetError, asset_id_for, file_sha256, load_asset
-from wt_datagen.camera import Camera
-from wt_datagen.config import SequenceConfig
-from wt_datagen.views import view_rng
+from .assets import MESH_SUFFIXES, AssetError, asset_id_for, file_sha256, load_asset
+from .meshes import mesh_problem
 
 SCENE_FILE = "scene.json"
-TRAJECTORIES = ("static", "orbit", "dolly", "random")  # "mixed" in the config picks one per clip
 _FRAME_STEM = re.compile(r"^(?P<prefix>.*?)(?P<number>\d+)$")
 _RIGID_ATOL = 1e-5
 
@@ -105,6 +101,18 @@ def source_at(path: Path) -> SequenceSource:
     if source is None:
         raise SequenceError(f"{path.name}: not a sequence (no {SCENE_FILE}, no numbered frame files)")
     return source
+
+
+def frame_count(source: SequenceSource) -> int:
+    """The number of frames of a sequence without loading a mesh: its frame files, or ``scene.json``'s
+    ``num_frames`` (0 when that cannot be read; loading reports why)."""
+    if source.kind == "mesh_sequence":
+        return len(source.files)
+    try:
+        n = json.loads(source.path.read_text()).get("num_frames")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return n if isinstance(n, int) and n > 0 else 0
 
 
 def sequence_id(source: SequenceSource, asset_dir: Path) -> str:
@@ -215,8 +223,9 @@ def _load_mesh(path: Path, sid: str) -> trimesh.Trimesh:
         raise SequenceError(f"{sid}: cannot read {path.name} ({type(e).__name__}: {msg})"[:300]) from None
     if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
         raise SequenceError(f"{sid}: {path.name} holds no triangles")
-    if not np.isfinite(mesh.vertices).all():
-        raise SequenceError(f"{sid}: {path.name} has NaN/inf vertices")
+    problem = mesh_problem(mesh.vertices, mesh.faces)
+    if problem:
+        raise SequenceError(f"{sid}: {path.name}: {problem}")
     return mesh
 
 
@@ -368,127 +377,3 @@ def interpolate_poses(key_frames: np.ndarray, key_poses: np.ndarray, num_frames:
     else:
         out[:, :3, :3] = Slerp(key_frames.astype(np.float64), rotations)(t).as_matrix()
     return out
-
-
-@dataclass(frozen=True)
-class Clip:
-    """A run of frames seen by one camera trajectory.
-
-    Attributes:
-        sequence_id, clip_index: identity.
-        frame_indices: (T,) int64 sequence frame of each clip frame.
-        timestamps: (T,) float64 seconds, ``frame / fps``.
-        cameras: T cameras in the sequence's world frame.
-        trajectory: the trajectory kind.
-    """
-
-    sequence_id: str
-    clip_index: int
-    frame_indices: np.ndarray
-    timestamps: np.ndarray
-    cameras: list[Camera]
-    trajectory: str
-
-
-def make_clip(seq: Sequence, clip_index: int, cfg: SequenceConfig, seed: int, width: int,
-              height: int) -> Clip:
-    """Frames and cameras of one clip, a pure function of (seed, sequence id, clip index) and the config:
-    ``cfg.clip_length`` frames (0: as many as the sequence holds) every ``cfg.frame_stride`` frames, from a
-    random start, seen along a ``cfg.trajectory`` path (``mixed``: one kind drawn per clip)."""
-    rng = view_rng(seed, seq.sequence_id, clip_index)
-    available = (seq.num_frames - 1) // cfg.frame_stride + 1
-    length = available if cfg.clip_length == 0 else min(cfg.clip_length, available)
-    span = (length - 1) * cfg.frame_stride + 1
-    start = int(rng.integers(0, seq.num_frames - span + 1))
-    frames = start + cfg.frame_stride * np.arange(length)
-    kind = str(rng.choice(TRAJECTORIES)) if cfg.trajectory == "mixed" else cfg.trajectory
-    bounds = seq.world_bounds()
-    cameras = camera_path(kind, rng, cfg, bounds.mean(0), 0.5 * np.linalg.norm(bounds[1] - bounds[0]),
-                          length, width, height)
-    return Clip(seq.sequence_id, clip_index, frames, frames / seq.fps, cameras, kind)
-
-
-def camera_path(kind: str, rng: np.random.Generator, cfg: SequenceConfig, centre: np.ndarray,
-                radius: float, length: int, width: int, height: int) -> list[Camera]:
-    """``length`` cameras along a trajectory around a bounding sphere (``centre`` (3,), ``radius``); the
-    ranges come from ``cfg`` (distances in radii, angles in degrees)."""
-    radius = max(float(radius), 1e-6)
-    s = np.linspace(0.0, 1.0, length)
-    azimuth0 = rng.uniform(0, 2 * np.pi)
-    elevation = np.radians(rng.uniform(*cfg.elevation_deg))
-    distance = rng.uniform(*cfg.distance)
-    fov = rng.uniform(*cfg.fov_deg)
-    target = np.broadcast_to(centre, (length, 3))
-    if kind == "static":
-        az, el, dist = np.full(length, azimuth0), np.full(length, elevation), np.full(length, distance)
-    elif kind == "orbit":
-        sweep = np.radians(rng.uniform(*cfg.orbit_deg)) * rng.choice([-1.0, 1.0])
-        az, el, dist = azimuth0 + sweep * s, np.full(length, elevation), np.full(length, distance)
-    elif kind == "dolly":
-        # Move along the straight line between two eyes while looking at the centre.
-        end = distance * rng.uniform(*cfg.dolly_factor)
-        start_eye = centre + radius * distance * _direction(azimuth0, elevation)
-        end_eye = centre + radius * end * _direction(azimuth0 + rng.uniform(-0.2, 0.2), elevation)
-        eyes = start_eye + s[:, None] * (end_eye - start_eye)
-        return [Camera.look_at(e, centre, width=width, height=height, fov_y_deg=fov) for e in eyes]
-    elif kind == "random":
-        # PCHIP through random control points never overshoots them, so the path stays within the ranges.
-        n = cfg.random_keypoints
-        knots = np.linspace(0.0, 1.0, n)
-        az = PchipInterpolator(knots, azimuth0 + np.cumsum(rng.uniform(-np.pi / 4, np.pi / 4, n)))(s)
-        el = PchipInterpolator(knots, np.radians(rng.uniform(*cfg.elevation_deg, n)))(s)
-        dist = PchipInterpolator(knots, rng.uniform(*cfg.distance, n))(s)
-        jitter = PchipInterpolator(knots, rng.uniform(-0.1, 0.1, (n, 3)), axis=0)(s)
-        target = centre + radius * jitter
-    else:
-        raise ValueError(f"unknown trajectory kind {kind!r}; expected one of {TRAJECTORIES}")
-    eyes = centre + radius * dist[:, None] * _direction(az, el)
-    return [Camera.look_at(e, t, width=width, height=height, fov_y_deg=fov) for e, t in zip(eyes, target)]
-
-
-def _direction(azimuth, elevation) -> np.ndarray:
-    """(..., 3) unit vectors, world +y up: azimuth about y from +z, elevation above the xz plane."""
-    azimuth, elevation = np.asarray(azimuth), np.asarray(elevation)
-    return np.stack([np.cos(elevation) * np.sin(azimuth), np.sin(elevation),
-                     np.cos(elevation) * np.cos(azimuth)], axis=-1)
-
-
-def make_builtin_sequences(out_dir: str | Path, num_frames: int = 24) -> list[Path]:
-    """Write two dynamic assets (y up) and return the paths that identify them.
-
-    ``wobble/frame_NNNN.obj``: an icosphere breathing and bending, vertex i the same material point in every
-    frame; ``passing/scene.json``: a box sliding past a spinning torus (keyframes), with their meshes.
-    """
-    out = Path(out_dir)
-    wobble = out / "wobble"
-    wobble.mkdir(parents=True, exist_ok=True)
-    rest = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
-    for f in range(num_frames):
-        phase = 2 * np.pi * f / num_frames
-        v = rest.vertices * (1 + 0.15 * np.sin(phase) * rest.vertices[:, 1:2] / 0.5)  # breathe along y
-        v[:, 0] += 0.2 * np.sin(phase) * (v[:, 1] / 0.5) ** 2  # bend
-        frame = trimesh.Trimesh(v, rest.faces, process=False)
-        frame.export(wobble / f"frame_{f:04d}.obj")
-    passing = out / "passing"
-    passing.mkdir(parents=True, exist_ok=True)
-    trimesh.creation.torus(0.4, 0.12, major_sections=48, minor_sections=16).export(passing / "torus.obj")
-    trimesh.creation.box(extents=(0.4, 0.4, 0.4)).export(passing / "box.obj")
-
-    def pose(angle_y: float = 0.0, t=(0.0, 0.0, 0.0)) -> list:
-        T = trimesh.transformations.rotation_matrix(angle_y, (0, 1, 0))
-        T[:3, 3] = t
-        return T.tolist()
-
-    scene = {
-        "fps": 24,
-        "num_frames": num_frames,
-        "objects": [
-            {"name": "torus", "mesh": "torus.obj",
-             "keyframes": [{"frame": 0, "pose": pose()}, {"frame": num_frames - 1, "pose": pose(np.pi * 0.9)}]},
-            {"name": "box", "mesh": "box.obj",
-             "keyframes": [{"frame": 0, "pose": pose(t=(-1.2, 0, 0.6))},
-                           {"frame": num_frames - 1, "pose": pose(0.5, t=(1.2, 0, 0.6))}]},
-        ],
-    }
-    (passing / SCENE_FILE).write_text(json.dumps(scene, indent=1))
-    return [wobble, passing / SCENE_FILE]

@@ -1,6 +1,6 @@
 """Rendering a sequence work item: every frame of every clip as a static-schema sample, plus a tracks sample.
 
-A sequence item (``WorkItem.kind == "sequence"``, planned by ``render.plan_items``) yields, per clip,
+A sequence item (``WorkItem.kind == "sequence"``, planned by ``plan.plan_items``) yields, per clip,
 ``{id}_c{clip:03d}_f{frame:04d}`` samples (rgb.png, layers.npz, camera.json, meta.json with the sequence
 fields) and one ``{id}_c{clip:03d}_tracks`` sample (tracks.npz, cameras.json, meta.json). Samples are spilled
 to a temporary tar as they are made (:class:`SampleSpool`), so memory stays bounded however long the clip;
@@ -10,7 +10,6 @@ the shard writer copies them from there.
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
 import tempfile
@@ -18,15 +17,24 @@ from functools import partial
 
 import trimesh
 
-from . import __version__
-from .assets import asset_to_world
-from .cast import LayeredRaycaster
+from .. import __version__
+from ..geometry.cast import LayeredRaycaster
+from ..geometry.tracks import ClipTracker, cameras_json
+from ..inputs.assets import asset_to_world
+from ..inputs.sequences import load_sequence, source_at
+from ..schema import (
+    SCHEMA_VERSION,
+    encode_json,
+    encode_npz,
+    encode_sample,
+    frame_key,
+    meta_record,
+    tracks_key,
+)
+from .cameras import make_clip
 from .config import RenderConfig
-from .render import ItemResult, ProgressFn, WorkItem, _Clock, _image, caster_threads
-from .sample import SCHEMA_VERSION, encode_npz, encode_sample
-from .sequence import load_sequence, make_clip, source_at
-from .shard import ItemStatus
-from .tracks import ClipTracker, cameras_json
+from .items import Clock, ItemResult, ProgressFn, WorkItem, caster_threads, item_image
+from .shards import ItemStatus
 
 
 class SampleSpool:
@@ -93,26 +101,17 @@ class SampleSpool:
 
 def render_sequence(item: WorkItem, cfg: RenderConfig, asset_dir: str, progress: ProgressFn) -> ItemResult:
     """All clips of one sequence; frames are cast, imaged, encoded and spooled one at a time."""
-    clock = _Clock()
+    clock = Clock()
     q = cfg.sequences
     seq = load_sequence(source_at(item.path), asset_dir, fps=q.fps, max_faces=cfg.assets.max_faces)
     if cfg.assets.normalise:  # one transform for the whole sequence: its box over all frames
         box = trimesh.PointCloud(trimesh.bounds.corners(seq.local_bounds))
         seq.asset_to_world = asset_to_world([box])
     clock.lap("load")
-    meta = {
-        "asset_id": seq.sequence_id,
-        "asset_path": item.rel_path,
-        "asset_sha256": seq.sha256,
-        "asset_to_world": seq.asset_to_world.tolist(),
-        "config_name": cfg.name,
-        "config_hash": cfg.hash,
-        "seed": cfg.seed,
-        "num_layers": cfg.layers,
-        "instance_names": seq.instance_names,
-        "version": __version__,
-        "sequence_id": seq.sequence_id,
-    }
+    meta = meta_record(asset_id=seq.sequence_id, asset_path=item.rel_path, asset_sha256=seq.sha256,
+                       asset_to_world=seq.asset_to_world, config_name=cfg.name, config_hash=cfg.hash, seed=cfg.seed,
+                       num_layers=cfg.layers, instance_names=seq.instance_names, version=__version__,
+                       sequence_id=seq.sequence_id)
     spool, image_mode = SampleSpool(), ""
     seconds = dict.fromkeys(("load", "cast", "tracks"), 0.0)
     for c in range(q.clips):
@@ -120,19 +119,18 @@ def render_sequence(item: WorkItem, cfg: RenderConfig, asset_dir: str, progress:
         tracker = ClipTracker(seq, clip, cfg.layers, q.query_stride, q.query_frame,
                               make_raycaster=partial(LayeredRaycaster, backend=cfg.backend,
                                                      num_threads=caster_threads(cfg)))
-        prefix = f"{seq.sequence_id}_c{c:03d}"
         clock.lap("load")
         for frame in tracker.frames():
             clock.lap("frames")
-            rgb, image_mode = _image(frame.meshes, frame.camera, frame.hits, cfg)
+            rgb, image_mode = item_image(frame.meshes, frame.camera, frame.hits, cfg)
             clock.lap("image")
             frame_meta = {**meta, "view_index": frame.t, "clip_index": c, "frame_index": frame.frame_index,
                           "timestamp": frame.timestamp}
-            spool.write(encode_sample(f"{prefix}_f{frame.frame_index:04d}", rgb, frame.hits, frame.camera,
+            spool.write(encode_sample(frame_key(seq.sequence_id, c, frame.frame_index), rgb, frame.hits, frame.camera,
                                       frame_meta, cfg.encoding.png_level, cfg.encoding.npz_level))
             clock.lap("encode")
             progress(item.rel_path, 1)
-        spool.write(tracks_sample(prefix, tracker, meta, cfg.encoding.npz_level))
+        spool.write(tracks_sample(tracker, meta, cfg.encoding.npz_level))
         clock.lap("encode")
         seconds = {k: v + tracker.seconds[k] for k, v in seconds.items()}
     spool.close()
@@ -144,17 +142,18 @@ def render_sequence(item: WorkItem, cfg: RenderConfig, asset_dir: str, progress:
     return ItemResult(status, spool)
 
 
-def tracks_sample(prefix: str, tracker: ClipTracker, meta: dict, npz_level: int = 1) -> dict[str, bytes]:
-    """The ``{prefix}_tracks`` sample of a finished clip: tracks.npz, cameras.json, meta.json."""
+def tracks_sample(tracker: ClipTracker, meta: dict, npz_level: int = 1) -> dict[str, bytes]:
+    """The tracks sample of a finished clip (:func:`wt_datagen.schema.tracks_key`): tracks.npz, cameras.json,
+    meta.json."""
     clip = tracker.clip
     arrays = tracker.arrays()
     clip_meta = {"schema_version": SCHEMA_VERSION, **meta, "clip_index": clip.clip_index,
                  "num_frames": len(clip.frame_indices), "num_tracks": int(len(arrays["query_layer"])),
                  "query_stride": tracker.query_stride, "trajectory": clip.trajectory}
     return {
-        "__key__": f"{prefix}_tracks",
+        "__key__": tracks_key(clip.sequence_id, clip.clip_index),
         "tracks.npz": encode_npz(arrays, npz_level),
-        "cameras.json": json.dumps(cameras_json(clip, tracker.seq.fps)).encode(),
-        "meta.json": json.dumps(clip_meta).encode(),
+        "cameras.json": encode_json(cameras_json(clip, tracker.seq.fps)),
+        "meta.json": encode_json(clip_meta),
     }
 

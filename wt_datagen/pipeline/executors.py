@@ -1,4 +1,5 @@
-"""Scale-out for `wt-datagen render`: parts of a plan for independent jobs, and the Ray executor.
+"""Executors of `wt-datagen render`: worker processes on this machine, Ray tasks, and parts of a plan for
+independent jobs.
 
 Parts (``--shard-index I --num-shards N``): an item belongs to part ``sha256(rel_path) mod N``, stable across
 machines and Python runs and independent of the other items, so N jobs with no shared scheduler (a SLURM
@@ -7,19 +8,22 @@ array) render disjoint sets that together make the whole plan. Part I of N write
 
 Ray (``--executor ray``, the ``ray`` extra; ``ray`` is imported only here, only when asked for): items go to
 Ray tasks (one CPU each, one casting thread) in chunks of consecutive plan items of about one shard's worth.
-A task renders its chunk with :func:`wt_datagen.render.render_item` and writes the rendered items into
+A task renders its chunk with :func:`wt_datagen.pipeline.plan.render_item` and writes the rendered items into
 shards of its own, ``{prefix}-r{run}-t{chunk:05d}a{attempt}-NNNNNN.tar`` (``prefix`` the job's, ``run`` random
 per driver run), in ``--out``, which every node must see (a shared filesystem). The driver journals each
-shard the task hands back (:meth:`wt_datagen.shard.ShardSet.adopt`), so the one manifest holds every item. A
+shard the task hands back (:meth:`wt_datagen.pipeline.shards.ShardSet.adopt`), so the one manifest holds every item. A
 task that died (its worker, its node, or an error writing) runs again under new names, up to ``max_retries``
-times; what a dead attempt left is removed by :meth:`~wt_datagen.shard.ShardSet.close` or the next open.
+times; what a dead attempt left is removed by :meth:`~wt_datagen.pipeline.shards.ShardSet.close` or the next open.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import hashlib
 import logging
+import multiprocessing as mp
 import os
+import queue
 import secrets
 import socket
 from collections import Counter
@@ -28,8 +32,82 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import RenderConfig
-from .render import ItemResult, ProgressFn, WorkItem, render_item
-from .shard import ItemStatus, ShardSet, ShardWriter, WrittenShard
+from .items import ItemResult, ProgressFn, WorkItem
+from .plan import render_item
+from .shards import ItemStatus, ShardSet, ShardWriter, WrittenShard
+
+# -- local executor ------------------------------------------------------------------------------------
+
+_progress_queue = None  # set in each worker process
+
+
+def _init_worker(progress_queue) -> None:
+    global _progress_queue
+    _progress_queue = progress_queue
+
+
+def _worker_render(item: WorkItem, cfg: RenderConfig, asset_dir: str) -> ItemResult:
+    return render_item(item, cfg, asset_dir, lambda path, n: _progress_queue.put((path, n)))
+
+
+def execute_local(
+    items: list[WorkItem],
+    cfg: RenderConfig,
+    asset_dir: str,
+    workers: int,
+    on_result: Callable[[ItemResult], None],
+    progress: ProgressFn,
+) -> None:
+    """Render ``items`` in ``workers`` processes ('spawn': the caster's thread pools do not survive fork);
+    ``on_result`` gets the results in plan order. At most 2 x workers items are in flight or waiting, which
+    bounds memory. A worker that dies fails its item and the pool is started again."""
+    if workers == 1:
+        for item in items:
+            on_result(render_item(item, cfg, asset_dir, progress))
+        return
+    ctx = mp.get_context("spawn")
+    progress_queue = ctx.Queue()
+
+    def drain() -> None:
+        while True:
+            try:
+                progress(*progress_queue.get_nowait())
+            except queue.Empty:
+                return
+
+    def new_pool() -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(progress_queue,)
+        )
+
+    pool, futures = new_pool(), {}
+    nxt = 0
+    try:
+        for i, item in enumerate(items):
+            while nxt < len(items) and nxt - i < 2 * workers:
+                futures[nxt] = pool.submit(_worker_render, items[nxt], cfg, asset_dir)
+                nxt += 1
+            while not futures[i].done():
+                cf.wait([futures[i]], timeout=0.1)
+                drain()
+            try:
+                result = futures.pop(i).result()
+            except Exception as e:  # render_item catches per-item errors: this is the process or the transport
+                reason = f"worker: {type(e).__name__}: {e}"
+                result = ItemResult(ItemStatus(item.rel_path, item.kind, status="failed", reason=reason))
+                if isinstance(e, cf.process.BrokenProcessPool):
+                    # a worker died (which item killed it is unknown): fail this one, resubmit the others
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool = new_pool()
+                    for j in futures:
+                        futures[j] = pool.submit(_worker_render, items[j], cfg, asset_dir)
+            drain()
+            on_result(result)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+# -- scale-out ----------------------------------------------------------------------------------------
 
 
 class ExecutorError(ValueError):
@@ -188,7 +266,7 @@ def _render_chunk(items: list[WorkItem], cfg: RenderConfig, asset_dir: str, out_
     shards written and the statuses of the items without samples (skipped or failed)."""
     import ray
 
-    if gl_platform:  # the driver's OpenGL platform, before pyrender is imported (late, by render._image)
+    if gl_platform:  # the driver's OpenGL platform, before pyrender is imported (late, by items.item_image)
         os.environ.setdefault("PYOPENGL_PLATFORM", gl_platform)
     writer = ShardWriter(out_dir, *limits, prefix=prefix)
     others, last = [], None

@@ -16,14 +16,35 @@ from dataclasses import dataclass
 import numpy as np
 import trimesh
 
-from wt_datagen.camera import Camera
-from wt_datagen.cast import Hits, LayeredRaycaster
-from wt_datagen.sequence import Clip, Sequence
+from ..camera import Camera
+from ..inputs.sequences import Sequence
+from ..schema import cameras_record
+from .cast import Hits, LayeredRaycaster
 
 # Crossings within this fraction of the point's own distance count as the point itself: a neighbouring face
 # sharing the point's edge is hit at the same t up to the float32 rounding of t (6e-8); surfaces further
 # apart than this (a 0.2 mm plate seen from 2 m is 1e-4) stay separate crossings.
 _SAME_HIT_RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A run of frames seen by one camera trajectory.
+
+    Attributes:
+        sequence_id, clip_index: identity.
+        frame_indices: (T,) int64 sequence frame of each clip frame.
+        timestamps: (T,) float64 seconds, ``frame / fps``.
+        cameras: T cameras in the sequence's world frame.
+        trajectory: the trajectory kind.
+    """
+
+    sequence_id: str
+    clip_index: int
+    frame_indices: np.ndarray
+    timestamps: np.ndarray
+    cameras: list[Camera]
+    trajectory: str
 
 
 @dataclass(frozen=True)
@@ -236,13 +257,6 @@ class ClipTracker:
 
 
 def cameras_json(clip: Clip, fps: float) -> dict:
-    """The ``cameras.json`` record of a clip: one camera per frame, in the sequence's world frame."""
-    return {
-        "sequence_id": clip.sequence_id,
-        "clip_index": clip.clip_index,
-        "trajectory": clip.trajectory,
-        "fps": fps,
-        "frame_index": [int(f) for f in clip.frame_indices],
-        "timestamp": [float(s) for s in clip.timestamps],
-        "cameras": [c.to_json() for c in clip.cameras],
-    }
+    """The ``cameras.json`` record of a clip (:func:`wt_datagen.schema.cameras_record`)."""
+    return cameras_record(clip.sequence_id, clip.clip_index, clip.trajectory, fps, clip.frame_indices,
+                          clip.timestamps, clip.cameras)

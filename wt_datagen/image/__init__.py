@@ -1,0 +1,1 @@
+"""The RGB input image of a view, pixel-aligned with layer 0."""

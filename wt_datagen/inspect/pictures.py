@@ -1,0 +1,187 @@
+"""Contact sheets: one labelled PNG per sample (a view's layers, a clip's tracks over its first frame)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..reader import Sample, decode, iter_raw
+from .rules import clip_cameras
+
+MAX_DRAWN_TRACKS = 2000
+
+
+def _panel_grid(n: int, ncols: int = 4):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(3.2 * ncols, 3.0 * nrows), squeeze=False, layout="constrained"
+    )
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    return plt, fig, list(axes.ravel())
+
+
+def _show(ax, img, title: str, **kw):
+    im = ax.imshow(img, interpolation="nearest", **kw)
+    ax.set_title(title, fontsize=9)
+    return im
+
+
+def layer_colours(n: int) -> np.ndarray:
+    """(n, 3) uint8 colours, one per layer index (tab10 cycled)."""
+    import matplotlib
+
+    return (np.asarray(matplotlib.colormaps["tab10"](np.arange(n) % 10))[:, :3] * 255).astype(np.uint8)
+
+
+def contact_sheet(sample: Sample, out_png, background: np.ndarray | None = None) -> Path:
+    """Write one labelled contact sheet PNG for a decoded sample and return its path.
+
+    A view shows the RGB image, each layer's depth in one shared colour scale, layer-0 normals, the entering
+    and exiting crossings per pixel and the per-pixel layer count. A clip track sample shows its 2D tracks
+    over ``background`` (the clip's first frame, (H, W, 3) uint8, if known) coloured by layer index, and
+    the share of tracks on each layer over time.
+    """
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    title = f"{sample.key}  ({Path(sample.shard).name})"
+    if sample.is_clip:
+        _clip_sheet(sample, out_png, background, title)
+        return out_png
+    L = sample.layers
+    have = {"depth", "valid"} <= L.keys() and L["depth"].ndim == 3 and L["valid"].shape == L["depth"].shape
+    K = L["depth"].shape[0] if have else 0
+    plt, fig, axes = _panel_grid(1 + K + 4)
+    if sample.rgb is not None:
+        _show(axes[0], sample.rgb, "rgb.png")
+    else:
+        axes[0].set_title("rgb.png: unreadable", fontsize=9)
+    if not have:
+        axes[1].set_title("layers.npz: unreadable", fontsize=9)
+    else:
+        depth, valid = L["depth"], L["valid"]
+        vals = depth[valid & np.isfinite(depth)]
+        lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (0.0, 1.0)
+        for k in range(K):
+            im = _show(
+                axes[1 + k],
+                np.where(valid[k], depth[k], np.nan),
+                f"depth layer {k} (camera z)",
+                cmap="turbo",
+                vmin=lo,
+                vmax=hi,
+            )
+        fig.colorbar(im, ax=axes[K], shrink=0.8, label="depth, all layers")  # one shared scale
+        i = 1 + K
+        if "normal" in L and L["normal"].shape == depth.shape + (3,):
+            n0 = L["normal"][0].astype(np.float32)
+            _show(
+                axes[i],
+                np.where(valid[0][..., None], (n0 + 1) / 2, 1).clip(0, 1),
+                "normal layer 0 (xyz->rgb)",
+            )
+        if "front_facing" in L and L["front_facing"].shape == depth.shape:
+            ff = L["front_facing"]
+            cmax = max(int(valid.sum(0).max()), 1)
+            im = _show(
+                axes[i + 1],
+                (valid & ff).sum(0),
+                "entering crossings per pixel",
+                cmap="viridis",
+                vmin=0,
+                vmax=cmax,
+            )
+            _show(
+                axes[i + 2],
+                (valid & ~ff).sum(0),
+                "exiting crossings per pixel",
+                cmap="viridis",
+                vmin=0,
+                vmax=cmax,
+            )
+            fig.colorbar(im, ax=axes[i + 2], shrink=0.8, label="crossings")  # shared by both panels
+        im = _show(axes[i + 3], valid.sum(0), f"valid layers per pixel (K={K})", cmap="magma", vmin=0, vmax=K)
+        fig.colorbar(im, ax=axes[i + 3], shrink=0.6)
+    fig.suptitle(title)
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+    return out_png
+
+
+def _clip_sheet(sample: Sample, out_png: Path, background, title: str) -> None:
+    from matplotlib.collections import LineCollection
+
+    t = sample.tracks
+    plt, fig, axes = _panel_grid(2, ncols=2)
+    uv, li = t.get("uv"), t.get("layer_index")
+    cams = clip_cameras(sample)
+    cams = cams if isinstance(cams, list) and cams and isinstance(cams[0], dict) else [{}]
+    W, H = int(cams[0].get("width", 1)), int(cams[0].get("height", 1))
+    ax = axes[0]
+    if background is not None:
+        ax.imshow(background, alpha=0.5)  # dimmed so the tracks stand out
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+    ax.set_axis_on()
+    ax.set_title("2D tracks on frame 0 (colour: layer index)", fontsize=9)
+    if uv is None or li is None or uv.ndim != 3 or li.shape != uv.shape[:2]:
+        ax.set_title("tracks.npz: unreadable", fontsize=9)
+    else:
+        T, N = li.shape
+        pick = np.linspace(0, N - 1, min(N, MAX_DRAWN_TRACKS)).astype(int) if N else np.zeros(0, int)
+        seg = np.stack([uv[:-1, pick], uv[1:, pick]], axis=2).reshape(-1, 2, 2)  # (T-1)*n segments
+        lay = li[:-1, pick].ravel()
+        shown = (lay >= 0) & np.isfinite(seg).all(axis=(1, 2))
+        nl = int(li.max()) + 1 if li.size else 1
+        colours = layer_colours(max(nl, 1)) / 255.0
+        ax.add_collection(LineCollection(seg[shown], colors=colours[lay[shown]], linewidths=0.6))
+        for k in range(nl):
+            ax.plot([], [], color=colours[k], label=f"layer {k}")
+        if nl:
+            ax.legend(fontsize=7, loc="upper right")
+        share = np.stack([(li == k).mean(1) for k in range(-1, nl)], 1) if N else np.zeros((T, nl + 1))
+        ax2 = axes[1]
+        ax2.set_axis_on()
+        ax2.stackplot(
+            np.arange(T),
+            share.T,
+            labels=["outside"] + [f"layer {k}" for k in range(nl)],
+            colors=[(0.7, 0.7, 0.7)] + list(colours[:nl]),
+        )
+        ax2.set_xlabel("frame")
+        ax2.set_ylabel("share of tracks")
+        ax2.set_title("layer index of the tracks over time", fontsize=9)
+        ax2.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title)
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+
+
+def first_frame_rgb(paths: list[Path], clip: Sample) -> np.ndarray | None:
+    """The RGB image of the first frame of ``clip`` (its sequence and clip index; ``view_index`` 0 is the clip's
+    first frame, which need not be the sequence's frame 0), if a shard holds it."""
+    m = clip.meta if isinstance(clip.meta, dict) else {}
+    want = (m.get("sequence_id"), m.get("clip_index"))
+    if want[0] is None:
+        return None
+    for item in iter_raw(paths):
+        if not isinstance(item, Sample) or "meta.json" not in item.files or item.is_clip:
+            continue
+        try:
+            fm = json.loads(item.files["meta.json"])
+        except ValueError:
+            continue
+        if (
+            isinstance(fm, dict)
+            and (fm.get("sequence_id"), fm.get("clip_index")) == want
+            and fm.get("view_index") == 0
+        ):
+            return decode(item).rgb
+    return None
