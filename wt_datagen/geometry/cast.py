@@ -270,6 +270,7 @@ class LayeredRaycaster:
         while len(cnt):
             n = len(cnt)
             near = np.empty(int((off + cnt).max(initial=0)), np.uint8)
+            corners = np.empty(3 * len(near), np.int64)
             counts = np.empty(n, np.int64)
             mark_candidates(off, cnt, cand, rays32, self._tri, self._faces, self._vmerge, self._star_ptr,
                             NEAR_MARGIN, near, counts)
@@ -282,7 +283,8 @@ class LayeredRaycaster:
                 i1 = min(n, max(i0 + 1, int(np.searchsorted(ptr, ptr[i0] + SCRATCH_BUDGET, side="right")) - 1))
                 res_c, *res = scratch.get(int(ptr[i1] - ptr[i0]))
                 resolve_crossings(i0, i1, off, cnt, cand, near, ptr, rays32, self._tri, self._faces, self._vmerge,
-                                  self._star_ptr, self._star_idx, NEAR_MARGIN, res_c, *res, res_nc, res_n, again)
+                                  self._star_ptr, self._star_idx, NEAR_MARGIN, corners, res_c, *res, res_nc, res_n,
+                                  again)
                 keep = _KEEP_ALL if self.keep is None else self._kept(ptr, i0, i1, res_n, res)
                 order_layers(i0, i1, ptr, res_n, *res, keep, out_ray, self._face_inst, self._face_local,
                              self._face_normal, out_rot, K, out["depth"], out["normal"], out["front_facing"],

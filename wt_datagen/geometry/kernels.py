@@ -82,8 +82,9 @@ def _sheared(tri, f, kx, ky, kz, sx, sy, ox, oy, oz):
 
 
 @njit(cache=True, inline="always")
-def _segment_near(px, py, qx, qy, d2) -> bool:
-    """Whether the segment p q of the shear plane passes within sqrt(d2) of the ray (its origin)."""
+def _segment_near(px, py, qx, qy, d2) -> int:
+    """Whether the segment p q of the shear plane passes within sqrt(d2) of the ray (its origin): 0 if not,
+    else 1 when its closest point is nearer p, 2 when nearer q."""
     ex = qx - px
     ey = qy - py
     ee = ex * ex + ey * ey
@@ -92,30 +93,37 @@ def _segment_near(px, py, qx, qy, d2) -> bool:
         t = min(1.0, max(0.0, -(px * ex + py * ey) / ee))
     x = px + t * ex
     y = py + t * ey
-    return x * x + y * y <= d2
+    if x * x + y * y > d2:
+        return 0
+    return 1 if t < 0.5 else 2
 
 
 @njit(cache=True, inline="always")
 def _near_border(tri, f, kx, ky, kz, sx, sy, ox, oy, oz, margin) -> int:
-    """THE near-border rule: the corners of face f (bit mask 1, 2, 4) ending an edge that passes within
-    ``delta`` of the ray in its shear plane. The engine's float32 test works on the corners relative to the
-    ray origin, whose coordinates are at most ``L`` in magnitude; its rounding (and the tilt of ``_embree``'s
-    extra traces) moves each corner by ``delta = margin * L`` at most (margin a few float32 ulps), so it can
-    put the ray on the other side of the triangle's border only where an edge passes that close. Relative,
-    so it holds at any scale and any distance from the origin. The faces around the corners it returns are
-    candidates too: the face the ray crosses there shares them."""
+    """THE near-border rule: a mask of corners of face f (bits 1, 2, 4) whose vertex stars must be candidates,
+    because an edge there passes within ``delta`` of the ray in its shear plane. The engine's float32 test
+    works on the corners relative to the ray origin, whose coordinates are at most ``L`` in magnitude; its
+    rounding (and the tilt of ``_embree``'s extra traces) moves each corner by ``delta = margin * L`` at most
+    (margin a few float32 ulps), so it can put the ray on the other side of the triangle's border only where
+    an edge passes that close. Relative, so it holds at any scale and any distance from the origin. The face
+    the ray crosses there instead shares the edge, or the vertex, nearest the ray: of each such edge, the
+    corner nearer the ray's closest approach is returned (its star holds the face across the edge, and every
+    face around that corner)."""
     ax, ay, az, bx, by, bz, cx, cy, cz = _sheared(tri, f, kx, ky, kz, sx, sy, ox, oy, oz)
     L = max(abs(az), abs(bz), abs(cz))
     for i in range(3):
         L = max(L, abs(tri[f, i, kx] - ox), abs(tri[f, i, ky] - oy))
     d2 = (margin * L) ** 2
     mask = 0
-    if _segment_near(bx, by, cx, cy, d2):
-        mask |= 6
-    if _segment_near(cx, cy, ax, ay, d2):
-        mask |= 5
-    if _segment_near(ax, ay, bx, by, d2):
-        mask |= 3
+    e = _segment_near(bx, by, cx, cy, d2)  # edge 1-2
+    if e:
+        mask |= 2 if e == 1 else 4
+    e = _segment_near(cx, cy, ax, ay, d2)  # edge 2-0
+    if e:
+        mask |= 4 if e == 1 else 1
+    e = _segment_near(ax, ay, bx, by, d2)  # edge 0-1
+    if e:
+        mask |= 1 if e == 1 else 2
     return mask
 
 
@@ -215,28 +223,28 @@ def _sort_unique(a, start, n) -> int:
 
 
 @njit(cache=True, inline="always")
-def _new_corner(mask, f, faces, vmerge, o, c, cand, near) -> bool:
-    """Whether a corner in ``mask`` of face f is none of the corners whose stars the proposals
-    ``cand[o:o + c]`` (corner masks ``near``) brought in."""
+def _new_corner(mask, f, faces, vmerge, corners, start, n) -> bool:
+    """Whether a corner in ``mask`` of face f is none of the (merged) vertices ``corners[start:start + n]``
+    (sorted): the corners whose stars are already candidates."""
     for q in range(3):
         if mask >> q & 1:
             m = vmerge[faces[f, q]]
-            found = False
-            for j in range(o, o + c):
-                for r in range(3):
-                    if near[j] >> r & 1 and vmerge[faces[cand[j], r]] == m:
-                        found = True
-                        break
-                if found:
-                    break
-            if not found:
+            lo = start
+            hi = start + n
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if corners[mid] < m:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo == start + n or corners[lo] != m:
                 return True
     return False
 
 
 @njit(cache=True, parallel=True)
 def resolve_crossings(i0, i1, off, cnt, cand, near, ptr, rays32, tri, faces, vmerge, star_ptr, star_idx, margin,
-                      res_c, res_f, res_t, res_u, res_v, res_front, res_nc, res_n, again):
+                      corners, res_c, res_f, res_t, res_u, res_v, res_front, res_nc, res_n, again):
     """Exact crossings of rays i in [i0, i1) (``rays32[i]``). Ray i's candidates, its proposals and the vertex
     stars of those ``near`` their border, are gathered, de-duplicated, at ``ptr[i] - ptr[i0]`` of ``res_c``
     (``res_nc[i]`` of them, proposals first) and tested (``_crossing``); the ``res_n[i]`` crossed ones are
@@ -244,7 +252,7 @@ def resolve_crossings(i0, i1, off, cnt, cand, near, ptr, rays32, tri, faces, vme
     face, float64 t (point = o + t d on the float32 ray), barycentrics, front. ``again[i]``: a face the stars
     brought in is near its border at a corner whose star is not in yet, so faces around that corner may be
     crossed too (the ray runs along a chain of edges): the caller resolves the ray once more with all of
-    ``res_c`` as proposals."""
+    ``res_c`` as proposals. ``corners`` is scratch of 3 entries per proposal."""
     n_chunks = (i1 - i0 + RAY_CHUNK - 1) // RAY_CHUNK
     for chunk in prange(n_chunks):
         # prange gives each thread one contiguous run of iterations, and hits cluster in parts of an image:
@@ -264,13 +272,17 @@ def resolve_crossings(i0, i1, off, cnt, cand, near, ptr, rays32, tri, faces, vme
                 n += 1
             p = _sort_unique(res_c, base, n)
             n = p
+            nco = 0  # the merged vertices whose stars come in, from 3 * off[i] of corners
             for j in range(off[i], off[i] + cnt[i]):
                 for q in range(3):
                     if near[j] >> q & 1:
                         m = vmerge[faces[cand[j], q]]
+                        corners[3 * off[i] + nco] = m
+                        nco += 1
                         for k in range(star_ptr[m], star_ptr[m + 1]):
                             res_c[base + n] = star_idx[k]
                             n += 1
+            nco = _sort_unique(corners, 3 * off[i], nco)
             # The stars' faces that are not proposals follow the proposals (both lists sorted).
             s = _sort_unique(res_c, base + p, n - p)
             n = p
@@ -298,7 +310,7 @@ def resolve_crossings(i0, i1, off, cnt, cand, near, ptr, rays32, tri, faces, vme
                     acc += 1
                 if k >= p and not again[i]:
                     again[i] = _new_corner(_near_border(tri, f, kx, ky, kz, sx, sy, ox, oy, oz, margin), f, faces,
-                                           vmerge, off[i], cnt[i], cand, near)
+                                           vmerge, corners, 3 * off[i], nco)
             res_n[i] = acc
 
 
