@@ -32,7 +32,9 @@ LAYER_DTYPES = {
     "instance_id": np.int32,
     "num_hits": np.int32,
 }
-LAYER_TRAILING = {"normal": (3,)}  # a field's shape after (K, H, W); num_hits alone is per pixel, (H, W)
+# Optional fields (config ``outputs``), read and checked when present.
+OPTIONAL_LAYER_DTYPES = {"albedo": np.uint8}
+LAYER_TRAILING = {"normal": (3,), "albedo": (3,)}  # shape after (K, H, W); num_hits alone is per pixel, (H, W)
 VIEW_FILES = ("rgb.png", "layers.npz", "camera.json", "meta.json")  # a view (or a clip's frame)
 CLIP_FILES = ("tracks.npz", "cameras.json", "meta.json")  # a clip's tracks sample
 # required clip track fields; others (query_face, timestamp, ...) are read and allowed
@@ -52,6 +54,8 @@ META_KEYS = (  # every view's meta.json; clip frames add SEQUENCE_META_KEYS
     "version",
 )
 SEQUENCE_META_KEYS = ("sequence_id", "clip_index", "frame_index", "timestamp")
+# written with every view since the image renderers took a lighting (README "meta.json"), absent in older shards
+OPTIONAL_META_KEYS = ("image",)
 _ZIP_DATE = (1 << 5) | 1  # 1980-01-01 in MS-DOS date format: fixed, so the same arrays give the same bytes
 
 
@@ -112,9 +116,10 @@ def cameras_record(sequence_id: str, clip_index: int, trajectory: str, fps: floa
 
 
 def encode_png(rgb: np.ndarray, level: int = 1) -> bytes:
-    """(H, W, 3) uint8 to PNG bytes at zlib ``level``."""
+    """(H, W, 3) uint8 (or (H, W, 4) with straight alpha) to PNG bytes at zlib ``level``."""
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB").save(buf, "PNG", compress_level=level)
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    Image.fromarray(rgb, "RGBA" if rgb.shape[-1] == 4 else "RGB").save(buf, "PNG", compress_level=level)
     return buf.getvalue()
 
 
@@ -174,18 +179,25 @@ def encode_sample(
     meta: dict,
     png_level: int = 1,
     npz_level: int = 1,
+    extra_layers: dict[str, np.ndarray] | None = None,
 ) -> dict[str, bytes]:
     """One sample's files.
 
     Args:
-        rgb: (H, W, 3) uint8 image, pixel-aligned with layer 0.
+        rgb: (H, W, 3) uint8 image, pixel-aligned with layer 0; (H, W, 4) with alpha (coverage).
         hits: the caster's ``Hits`` for ``camera`` (K layers).
         meta: the ``meta.json`` record (README schema); ``schema_version`` is added here.
+        extra_layers: optional ``layers.npz`` fields (:data:`OPTIONAL_LAYER_DTYPES`, e.g. ``albedo``).
     """
+    arrays = layer_arrays(hits)
+    for name, arr in (extra_layers or {}).items():
+        if name not in OPTIONAL_LAYER_DTYPES:
+            raise ValueError(f"encode_sample: {name!r} is not an optional layers.npz field")
+        arrays[name] = np.asarray(arr).astype(OPTIONAL_LAYER_DTYPES[name], copy=False)
     return {
         "__key__": key,
         "rgb.png": encode_png(rgb, png_level),
-        "layers.npz": encode_npz(layer_arrays(hits), npz_level),
+        "layers.npz": encode_npz(arrays, npz_level),
         "camera.json": encode_json(camera.to_json()),
         "meta.json": encode_json({"schema_version": SCHEMA_VERSION, **meta}),
     }
@@ -205,10 +217,11 @@ def _raise(where: str, message: str):
 
 
 def decode_npz(data: bytes, name: str, expected: Iterable[str] | None = None, others: str = "read",
-               report: Report = _raise) -> dict[str, np.ndarray]:
+               report: Report = _raise, optional: Iterable[str] = ()) -> dict[str, np.ndarray]:
     """An npz file's arrays (never unpickled). ``expected``: the fields it must hold (None: whatever it has);
-    ``others``, for any other field: ``"read"`` it too, ``"skip"`` it (not inflated), or ``"report"`` it as
-    unexpected. Problems go to ``report(where, message)``; the default raises :class:`SchemaError`."""
+    ``optional``: fields read when present; ``others``, for any other field: ``"read"`` it too, ``"skip"``
+    it (not inflated), or ``"report"`` it as unexpected. Problems go to ``report(where, message)``; the
+    default raises :class:`SchemaError`."""
     out: dict[str, np.ndarray] = {}
     try:
         npz = np.load(io.BytesIO(data), allow_pickle=False)
@@ -217,6 +230,7 @@ def decode_npz(data: bytes, name: str, expected: Iterable[str] | None = None, ot
         return out
     with npz:
         expected = list(npz.files if expected is None else expected)
+        expected += [f for f in optional if f in npz.files and f not in expected]
         extra = sorted(set(npz.files) - set(expected))
         for f in expected + (extra if others != "skip" else []):
             if f not in npz.files or (f in extra and others == "report"):
@@ -230,12 +244,13 @@ def decode_npz(data: bytes, name: str, expected: Iterable[str] | None = None, ot
 
 
 def decode_png(data: bytes, name: str = "rgb.png", report: Report = _raise) -> np.ndarray | None:
-    """(H, W, 3) uint8 from PNG bytes (another mode is reported and converted)."""
+    """(H, W, 3) uint8 from PNG bytes, or (H, W, 4) for an RGBA image (a transparent background: alpha is
+    the coverage); another mode is reported and converted to RGB."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            if im.mode != "RGB":
-                report(name, f"image mode {im.mode}, expected RGB")
+            if im.mode not in ("RGB", "RGBA"):
+                report(name, f"image mode {im.mode}, expected RGB or RGBA")
                 im = im.convert("RGB")
             return np.asarray(im)
     except SchemaError:
@@ -261,14 +276,16 @@ def is_clip(files: Iterable[str]) -> bool:
 def decode_files(files: dict[str, bytes], report: Report = _raise, layer_fields: Iterable[str] | None = None,
                  check_files: bool = True) -> dict:
     """The one decoder of a sample: file bytes (``{"rgb.png": bytes, ...}``, webdataset's names without the
-    key) to ``{"rgb": (H, W, 3) uint8, "layers": {field: array}, "camera": dict, "meta": dict}`` for a view,
-    ``{"tracks": {...}, "cameras": record, "meta": dict}`` for a clip's tracks sample.
+    key) to ``{"rgb": (H, W, 3) uint8 (or (H, W, 4) RGBA), "layers": {field: array}, "camera": dict,
+    "meta": dict}`` for a view, ``{"tracks": {...}, "cameras": record, "meta": dict}`` for a clip's tracks
+    sample.
 
-    ``layer_fields``: the ``layers.npz`` fields to read (default all of :data:`LAYER_DTYPES`, each required);
-    a loader that needs two fields inflates two. ``check_files``: missing and unexpected files are problems.
-    ``meta.json``'s ``schema_version`` must be one this code reads. Every problem goes to ``report(where,
-    message)``, which by default raises :class:`SchemaError` (so a decoded sample is complete); the inspector
-    passes a collector and gets what could be decoded.
+    ``layer_fields``: the ``layers.npz`` fields to read (default all of :data:`LAYER_DTYPES`, each required,
+    and those of :data:`OPTIONAL_LAYER_DTYPES` present); a loader that needs two fields inflates two.
+    ``check_files``: missing and unexpected files are problems. ``meta.json``'s ``schema_version`` must be
+    one this code reads. Every problem goes to ``report(where, message)``, which by default raises
+    :class:`SchemaError` (so a decoded sample is complete); the inspector passes a collector and gets what
+    could be decoded.
     """
     clip = is_clip(files)
     required = CLIP_FILES if clip else VIEW_FILES
@@ -288,7 +305,8 @@ def decode_files(files: dict[str, bytes], report: Report = _raise, layer_fields:
             out["rgb"] = decode_png(files["rgb.png"], "rgb.png", report)
         if "layers.npz" in files:
             fields, others = (LAYER_DTYPES, "report") if layer_fields is None else (layer_fields, "skip")
-            out["layers"] = decode_npz(files["layers.npz"], "layers.npz", fields, others, report)
+            optional = OPTIONAL_LAYER_DTYPES if layer_fields is None else ()
+            out["layers"] = decode_npz(files["layers.npz"], "layers.npz", fields, others, report, optional)
     for name in ("camera.json", "cameras.json", "meta.json"):
         if name in files and name in required:
             out[name.split(".")[0]] = decode_json(files[name], name, report)
@@ -301,7 +319,7 @@ def decode_files(files: dict[str, bytes], report: Report = _raise, layer_fields:
 
 def decode_sample(sample: dict) -> dict:
     """A webdataset-style sample (``{"__key__": key, "rgb.png": bytes, ...}``) to Python values by file:
-    ``.png`` -> (H, W, 3) uint8, ``.npz`` -> dict of arrays, ``.json`` -> parsed; ``__*__`` entries pass
+    ``.png`` -> (H, W, 3) or (H, W, 4) uint8, ``.npz`` -> dict of arrays, ``.json`` -> parsed; ``__*__`` entries pass
     through. No schema rules (see :func:`decode_files`); never unpickles."""
     out = {}
     for name, value in sample.items():
