@@ -31,7 +31,7 @@ LIGHT_KINDS = ("directional", "spot")
 ENVIRONMENT_SUFFIXES = (".hdr", ".exr", ".png", ".jpg", ".jpeg")
 SUNSKY_SCALE = 1.5  # Mitsuba's sunsky at scale 1 gives ~1.4 sun irradiance (noon); this times the intensity
 HEADLIGHT_INTENSITY, HEADLIGHT_AMBIENT = 3.0, 0.3  # the fixed look of `mode: headlight` (pyrender's before)
-MITSUBA_EXTRA = "pip install 'world-tracing[mitsuba]' (or pip install mitsuba drjit)"
+MITSUBA_EXTRA = "pip install -e '.[mitsuba]' in the project (or: pip install mitsuba drjit)"
 
 
 class LightingError(ValueError):

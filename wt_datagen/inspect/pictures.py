@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..image.lighting import Lighting, environment_radiance, grid_directions
+from ..image.materials import linear_to_srgb
 from ..reader import Sample, decode, iter_raw
 from .rules import clip_cameras
 
@@ -58,11 +60,27 @@ def contact_sheet(sample: Sample, out_png, background: np.ndarray | None = None)
     L = sample.layers
     have = {"depth", "valid"} <= L.keys() and L["depth"].ndim == 3 and L["valid"].shape == L["depth"].shape
     K = L["depth"].shape[0] if have else 0
-    plt, fig, axes = _panel_grid(1 + K + 4)
+    albedo = L.get("albedo") if have and "albedo" in L and L["albedo"].shape == L["depth"].shape + (3,) else None
+    lighting = _lighting(sample.meta)
+    extra = (lighting is not None) + (0 if albedo is None else min(K, 2))
+    plt, fig, axes = _panel_grid(1 + K + 4 + extra)
     if sample.rgb is not None:
-        _show(axes[0], sample.rgb, "rgb.png")
+        rgb = sample.rgb
+        if rgb.ndim == 3 and rgb.shape[-1] == 4:  # transparent background: over a checkerboard
+            yy, xx = np.indices(rgb.shape[:2]) // 8
+            board = np.where(((yy + xx) % 2 == 0)[..., None], 200, 150).astype(np.float32)
+            a = rgb[..., 3:] / 255.0
+            rgb = (rgb[..., :3] * a + board * (1 - a)).astype(np.uint8)
+        _show(axes[0], rgb, "rgb.png" + (" (alpha over a checkerboard)" if sample.rgb.shape[-1] == 4 else ""))
     else:
         axes[0].set_title("rgb.png: unreadable", fontsize=9)
+    n = 1 + K + 4
+    if albedo is not None:
+        for k in range(min(K, 2)):
+            _show(axes[n + k], np.where(L["valid"][k][..., None], albedo[k], 255), f"albedo layer {k}")
+        n += min(K, 2)
+    if lighting is not None:
+        _lighting_panel(axes[n], lighting)
     if not have:
         axes[1].set_title("layers.npz: unreadable", fontsize=9)
     else:
@@ -113,6 +131,47 @@ def contact_sheet(sample: Sample, out_png, background: np.ndarray | None = None)
     fig.savefig(out_png, dpi=80)
     plt.close(fig)
     return out_png
+
+
+def _lighting(meta) -> Lighting | None:
+    """The lighting recorded in ``meta.json`` (``image.lighting``), if any and readable."""
+    rec = meta.get("image") if isinstance(meta, dict) else None
+    try:
+        return Lighting.from_json(rec["lighting"]) if isinstance(rec, dict) and "lighting" in rec else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _lighting_panel(ax, lighting: Lighting) -> None:
+    """The drawn lighting: the environment as a latitude-longitude thumbnail (azimuth across, elevation up;
+    an image environment by name only: the shard does not hold it), the lights as dots of their colour."""
+    env = lighting.environment
+    h, w = 32, 64
+    if env.kind == "image":
+        thumb = np.full((h, w, 3), 0.5)
+        ax.text(w / 2, h / 2, f"{env.file}\nx{env.scale:.3g}, turned {env.rotation_deg:.0f} deg", ha="center",
+                va="center", fontsize=6)
+    else:
+        thumb = linear_to_srgb(environment_radiance(env, grid_directions(h, w)))
+    ax.set_axis_on()
+    ax.imshow(thumb, extent=(0, w, h, 0), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    lights = list(lighting.lights)
+    if env.kind == "sunsky":
+        from ..image.lighting import Light
+
+        lights.append(Light("sun", env.sun_direction, (1.0, 0.9, 0.5), 0.0, 0.0))
+    for light in lights:
+        d = np.asarray(light.direction, dtype=np.float64)
+        u = (np.arctan2(d[0], -d[2]) / (2 * np.pi)) % 1.0  # the environment's own (Mitsuba's) convention
+        v = np.arccos(np.clip(d[1], -1, 1)) / np.pi
+        colour = np.clip(np.asarray(light.colour) / max(np.max(light.colour), 1e-9), 0, 1)
+        ax.scatter([u * w], [v * h], s=40, color=colour, edgecolors="black", linewidths=0.8)
+        ax.annotate(light.kind[:3], (u * w, v * h), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    bg = lighting.background
+    what = "headlight" if lighting.headlight else f"{env.kind}, {len(lighting.lights)} lights"
+    ax.set_title(f"lighting: {what}; background {bg.mode}", fontsize=8)
 
 
 def _clip_sheet(sample: Sample, out_png: Path, background, title: str) -> None:
