@@ -144,8 +144,10 @@ def _bsdf(mi, material: Material) -> dict:
     out = {"type": "twosided", "bsdf": bsdf}
     if material.alpha_mode == "MASK" and material.texture is not None:
         alpha = material.texture[..., 3:4].astype(np.float32) / 255.0 * np.float32(factor[3])
-        out = {"type": "mask", "opacity": _bitmap(mi, (alpha >= material.alpha_cutoff).astype(np.float32)),
-               "bsdf": out}
+        # thresholded texels, looked up nearest: the cutout edge within half a texel of glTF's (threshold of
+        # the filtered alpha), and no partly transparent band where the texture is magnified
+        cut = (alpha >= material.alpha_cutoff).astype(np.float32)
+        out = {"type": "mask", "opacity": _bitmap(mi, cut, filter_type="nearest"), "bsdf": out}
     return out
 
 
@@ -299,14 +301,29 @@ class MitsubaScene:
     def render(self, camera: Camera, lighting: Lighting, spp: int, seed: int, max_depth: int = 6,
                folder=None) -> np.ndarray:
         """(H, W, 4) float32 linear RGBA: colour premultiplied by the alpha (coverage) unless the background
-        is the environment (then alpha is 1 and the environment is seen)."""
+        is the environment (then alpha is 1 and the environment is seen).
+
+        Mitsuba's ``hide_emitters`` hides the environment from camera rays, but emissive surfaces too; with
+        an emissive mesh in view the image is rendered with the environment seen, the coverage by a second
+        pass without emitters at the same sample positions, and the environment along each pixel's centre
+        ray taken off where it was seen (exact but for the environment's variation across a pixel)."""
         mi = self.mi
+        hide = lighting.background.mode != "environment"
+        emissive = hide and any(s.is_emitter() for s in self.shapes)
+        shapes = {f"shape{i}": s for i, s in enumerate(self.shapes)}
         scene = {"type": "scene", "sensor": self.sensor(camera, spp, seed),
-                 "integrator": {"type": "path", "max_depth": int(max_depth),
-                                "hide_emitters": lighting.background.mode != "environment"},
-                 **self._emitters(lighting, camera, folder)}
-        scene.update({f"shape{i}": s for i, s in enumerate(self.shapes)})
-        return np.array(mi.render(mi.load_dict(scene), seed=int(seed)), dtype=np.float32)
+                 "integrator": {"type": "path", "max_depth": int(max_depth), "hide_emitters": hide and not emissive},
+                 **self._emitters(lighting, camera, folder), **shapes}
+        img = np.array(mi.render(mi.load_dict(scene), seed=int(seed)), dtype=np.float32)
+        if emissive:
+            bare = {"type": "scene", "sensor": self.sensor(camera, spp, seed),
+                    "integrator": {"type": "path", "max_depth": 1}, **shapes}
+            cover = np.array(mi.render(mi.load_dict(bare), seed=int(seed)), dtype=np.float32)[..., 3]
+            _, rays = camera.world_rays()
+            seen = environment_radiance(lighting.environment, rays, folder) * (1.0 - cover)[..., None]
+            img[..., :3] = np.maximum(img[..., :3] - seen, 0.0)
+            img[..., 3] = cover
+        return img
 
     def aovs(self, camera: Camera, names: str = "dd.y:depth") -> np.ndarray:
         """(H, W, C) float32 Mitsuba AOVs (``aov`` integrator syntax) sampled at every pixel centre."""
