@@ -433,9 +433,13 @@ def background_image(lighting: Lighting, camera: Camera, folder: str | Path | No
 
 
 def environment_summary(env: Environment, folder: str | Path | None = None) -> tuple[np.ndarray, list[Light]]:
-    """What a rasteriser can use of ``env``: (3,) ambient radiance (its mean over the sphere) and directional
-    lights for its sun (sunsky) or its brightest region (image: the excess over the mean of the brightest
-    cell of a 32 x 16 grid, as irradiance)."""
+    """What a rasteriser can use of ``env``: (3,) ambient radiance and directional lights.
+
+    sunsky: the sky's mean radiance (table measured on Mitsuba) and the sun. Otherwise the environment is
+    integrated over the sphere (a 128 x 256 grid): ``d`` is the direction of its luminance-weighted mean
+    (its irradiance vector), ``E+`` and ``E-`` the irradiance it gives a surface facing ``d`` and one facing
+    away; ambient ``E- / pi`` plus a directional light of irradiance ``E+ - E-`` along ``d`` give both of
+    those surfaces exactly what the environment gives them (and a sun in an image becomes that light)."""
     if env.kind == "sunsky":
         sun, sky = sunsky_summary(env)
         lights = []
@@ -443,21 +447,23 @@ def environment_summary(env: Environment, folder: str | Path | None = None) -> t
             lum = float(luminance(sun))
             lights.append(Light("directional", tuple(env.sun_direction), tuple(sun / lum), lum, 5778.0))
         return sky, lights
-    h, w = 16, 32
-    img = environment_radiance(env, grid_directions(8 * h, 8 * w), folder)  # 8 x 8 samples per cell
-    img = img.reshape(h, 8, w, 8, 3).mean(axis=(1, 3))
-    wgt = _solid_angle_weights(h, w)
-    ambient = (img * wgt[..., None]).sum(axis=(0, 1)) / (4 * np.pi)
+    h, w = 128, 256
+    dirs = grid_directions(h, w)
+    radiance = environment_radiance(env, dirs, folder).astype(np.float64)  # (h, w, 3)
+    solid = np.broadcast_to(_solid_angle_weights(h, w), (h, w))[..., None]
+    vector = ((luminance(radiance)[..., None] * solid) * dirs).sum(axis=(0, 1))
+    if np.linalg.norm(vector) < 1e-12:
+        return (radiance * solid).sum(axis=(0, 1)).astype(np.float32) / (4 * np.pi), []
+    d = vector / np.linalg.norm(vector)
+    cos = dirs @ d
+    front = (radiance * solid * np.clip(cos, 0, None)[..., None]).sum(axis=(0, 1))
+    back = (radiance * solid * np.clip(-cos, 0, None)[..., None]).sum(axis=(0, 1))
+    directional = np.clip(front - back, 0, None)
     lights = []
-    if env.kind == "image":
-        lum = luminance(img)
-        r, c = np.unravel_index(int(np.argmax(lum)), lum.shape)
-        excess = (img[r, c] - ambient) * wgt[r, 0]
-        if luminance(np.clip(excess, 0, None)) > 0.05 * luminance(ambient) * np.pi:
-            e = np.clip(excess, 0, None)
-            lum_e = float(luminance(e))
-            lights.append(Light("directional", tuple(grid_directions(h, w)[r, c]), tuple(e / lum_e), lum_e, 0.0))
-    return ambient.astype(np.float32), lights
+    lum = float(luminance(directional))
+    if lum > 1e-6:
+        lights.append(Light("directional", tuple(float(x) for x in d), tuple(directional / lum), lum, 0.0))
+    return (back / np.pi).astype(np.float32), lights
 
 
 def grid_directions(h: int, w: int) -> np.ndarray:
