@@ -426,8 +426,9 @@ def _rrd_rows(path: Path) -> dict[str, dict]:
 
     rows: dict[str, dict] = {}
     for chunk in RrdReader(path).stream():
-        cols = chunk.to_record_batch().to_pydict()
-        frames = cols.get("frame", [None] * chunk.num_rows)
+        batch = chunk.to_record_batch()
+        cols = {c: batch.column(c).to_pylist() for c in batch.schema.names if ":" in c or c == "frame"}
+        frames = cols.pop("frame", [None] * chunk.num_rows)
         for i in range(chunk.num_rows):
             rows.setdefault(chunk.entity_path, {})[frames[i]] = {c: v[i] for c, v in cols.items() if ":" in c}
     return rows
@@ -501,6 +502,14 @@ def test_rerun_recording_reads_back(data, clip, tmp_path, capsys):
         np.testing.assert_allclose(np.reshape(heads["Points3D:positions"], (-1, 3)), wx[t], atol=1e-6)
         assert len(set(heads["Points3D:colors"])) == len(np.unique(np.sign(li[t])))  # one colour per state
     assert (tracks["layer_index"][1:] > 0).any() and (tracks["layer_index"][1:] == 0).any()  # both drawn
+    from rerun.chunk import RrdReader  # the "time" timeline: each frame's timestamp, in nanoseconds
+
+    times = {}
+    for chunk in RrdReader(out).stream():
+        if chunk.entity_path == f"{tr}/tracks/points":
+            b = chunk.to_record_batch()
+            times.update(zip(b.column("frame").to_pylist(), b.column("time").cast("int64").to_pylist()))
+    assert times == {f.t: round(f.timestamp * 1e9) for f in frames}
 
 
 @pytest.mark.parametrize("colour", ["facing", "normal"])

@@ -49,7 +49,8 @@ TRACK_STATES = {  # entity name -> (colour, which layer_index values)
     "outside": (np.array([127, 127, 127], np.uint8), lambda li: li < 0),
 }
 TRAIL_FRAMES = 8  # frame steps of track lines kept behind the current frame
-TIMELINE = "frame"
+TIMELINE = "frame"  # a clip's frames by position (0..T-1); the "time" timeline holds their timestamps
+APPLICATION = "wt-datagen inspect"
 INSTALL_HINT = "pip install 'world-tracing[rerun]' (or pip install rerun-sdk)"
 
 
@@ -58,11 +59,14 @@ class ViewerUnavailable(RuntimeError):
 
 
 def require_rerun():
-    """The ``rerun`` module, or :class:`ViewerUnavailable` with a one-line message naming the extra."""
+    """The ``rerun`` module, or :class:`ViewerUnavailable` with a one-line message: rerun-sdk missing (naming
+    the extra) or its logging switched off (``RERUN=off``)."""
     try:
         import rerun
     except ImportError:
         raise ViewerUnavailable(f"--rerun needs rerun-sdk, the optional extra `rerun`: {INSTALL_HINT}") from None
+    if not rerun.RecordingStream(APPLICATION, recording_id="probe", send_properties=False).is_enabled():
+        raise ViewerUnavailable("--rerun: rerun logging is switched off in this environment (RERUN=off)")
     return rerun
 
 
@@ -149,7 +153,7 @@ def _log_clip(rr, rec, root: str, sample: Sample, trail: int) -> None:
     pick = drawn_tracks(wx.shape[1])
     colours = {name: c for name, (c, _) in TRACK_STATES.items()}
     for t, cam in enumerate(cams):
-        rec.set_time(TIMELINE, sequence=t)
+        _at(rec, sample, t)
         _log_camera(rr, rec, root, cam, _near(cam.world_to_camera(wx[t])[:, 2]))
         for name, seg in track_segments(t_, t, trail).items():
             rec.log(f"{root}/tracks/{name}", rr.LineStrips3D(seg, colors=colours[name]))
@@ -159,6 +163,14 @@ def _log_clip(rr, rec, root: str, sample: Sample, trail: int) -> None:
             rgb[test(state)] = c
         rec.log(f"{root}/tracks/points", rr.Points3D(wx[t, pick], colors=rgb))
     rec.reset_time()
+
+
+def _at(rec, clip: Sample, t: int) -> None:
+    """Set the clock to the clip's frame ``t``: its position and, if stored, its timestamp (seconds)."""
+    rec.set_time(TIMELINE, sequence=t)
+    ts = clip.tracks.get("timestamp")
+    if ts is not None and ts.shape == clip.tracks["world_xyz"].shape[:1] and np.isfinite(ts[t]):
+        rec.set_time("time", duration=float(ts[t]))
 
 
 def _clip_id(meta) -> tuple | None:
@@ -186,7 +198,7 @@ def _log_frames(rr, rec, clips: dict[tuple, tuple[str, Sample]], colour: str, re
             if why is None and not (isinstance(t, int) and 0 <= t < T):
                 why = f"view_index {t!r} is not a frame of the clip's {T}"
             if why is None:
-                rec.set_time(TIMELINE, sequence=t)
+                _at(rec, clip, t)
                 try:
                     n = _log_view(rr, rec, root, item, colour, with_camera=False)  # the clip logs cameras
                     rec_out.points[clip.key] = rec_out.points.get(clip.key, 0) + n
@@ -219,7 +231,7 @@ def write_rrd(samples: list[Sample], out_rrd, colour: str = "layer", trail: int 
                        rrb.Spatial2DView(origin=f"{roots[s.key]}/camera/image", name=f"{s.key} image"),
                        column_shares=[3, 2])
         for s in samples]))
-    rec = rr.RecordingStream("wt-datagen inspect", recording_id=f"wt-datagen inspect {out_rrd.name}")
+    rec = rr.RecordingStream(APPLICATION, recording_id=f"{APPLICATION} {out_rrd.name}")
     rec.set_log_time_enabled(False)  # the shards' content only: no wall-clock timeline
     rec.save(out_rrd, default_blueprint=blueprint)
     out = Recording(out_rrd)
