@@ -432,6 +432,12 @@ def background_image(lighting: Lighting, camera: Camera, folder: str | Path | No
     return to_uint8(linear_to_srgb(environment_radiance(lighting.environment, d, folder)))
 
 
+def environment_thumbnail(env: Environment, folder: str | Path | None = None, height: int = 16) -> np.ndarray:
+    """(height, 2 height, 3) uint8 sRGB latitude-longitude picture of the environment (Mitsuba's convention:
+    u = 0 looks along -z, v = 0 at the zenith), for ``meta.json`` and contact sheets."""
+    return to_uint8(linear_to_srgb(environment_radiance(env, grid_directions(height, 2 * height), folder)))
+
+
 def environment_summary(env: Environment, folder: str | Path | None = None) -> tuple[np.ndarray, list[Light]]:
     """What a rasteriser can use of ``env``: (3,) ambient radiance and directional lights.
 

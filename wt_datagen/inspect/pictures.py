@@ -7,8 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..image.lighting import Lighting, environment_radiance, grid_directions
-from ..image.materials import linear_to_srgb
 from ..reader import Sample, decode, iter_raw
 from .rules import clip_cameras
 
@@ -34,6 +32,11 @@ def _show(ax, img, title: str, **kw):
     im = ax.imshow(img, interpolation="nearest", **kw)
     ax.set_title(title, fontsize=9)
     return im
+
+
+def drawn_tracks(n: int, limit: int = MAX_DRAWN_TRACKS) -> np.ndarray:
+    """(m,) int64 indices of at most ``limit`` of ``n`` tracks, spread evenly (all of them if ``n <= limit``)."""
+    return np.linspace(0, n - 1, min(n, limit)).astype(np.int64) if n else np.zeros(0, np.int64)
 
 
 def layer_colours(n: int) -> np.ndarray:
@@ -133,45 +136,43 @@ def contact_sheet(sample: Sample, out_png, background: np.ndarray | None = None)
     return out_png
 
 
-def _lighting(meta) -> Lighting | None:
-    """The lighting recorded in ``meta.json`` (``image.lighting``), if any and readable."""
+def _lighting(meta) -> dict | None:
+    """The ``image`` record of ``meta.json`` if it holds a lighting (views rendered since issue 14)."""
     rec = meta.get("image") if isinstance(meta, dict) else None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("lighting"), dict) else None
+
+
+def _lighting_panel(ax, record: dict) -> None:
+    """The drawn lighting: the environment's latitude-longitude thumbnail stored in ``meta.json`` (azimuth
+    across, zenith at the top), every light and the sun as a dot of its colour, the background named."""
+    lighting = record["lighting"]
+    env = lighting.get("environment", {})
+    thumb = record.get("environment_thumbnail")
     try:
-        return Lighting.from_json(rec["lighting"]) if isinstance(rec, dict) and "lighting" in rec else None
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _lighting_panel(ax, lighting: Lighting) -> None:
-    """The drawn lighting: the environment as a latitude-longitude thumbnail (azimuth across, elevation up;
-    an image environment by name only: the shard does not hold it), the lights as dots of their colour."""
-    env = lighting.environment
-    h, w = 32, 64
-    if env.kind == "image":
-        thumb = np.full((h, w, 3), 0.5)
-        ax.text(w / 2, h / 2, f"{env.file}\nx{env.scale:.3g}, turned {env.rotation_deg:.0f} deg", ha="center",
-                va="center", fontsize=6)
-    else:
-        thumb = linear_to_srgb(environment_radiance(env, grid_directions(h, w)))
+        h, w = int(thumb["height"]), int(thumb["width"])
+        img = np.frombuffer(bytes.fromhex(thumb["rgb"]), np.uint8).reshape(h, w, 3)
+    except (TypeError, KeyError, ValueError):
+        h, w, img = 16, 32, np.full((16, 32, 3), 128, np.uint8)
     ax.set_axis_on()
-    ax.imshow(thumb, extent=(0, w, h, 0), interpolation="nearest")
+    ax.imshow(img, extent=(0, w, h, 0), interpolation="bilinear")
     ax.set_xticks([])
     ax.set_yticks([])
-    lights = list(lighting.lights)
-    if env.kind == "sunsky":
-        from ..image.lighting import Light
-
-        lights.append(Light("sun", env.sun_direction, (1.0, 0.9, 0.5), 0.0, 0.0))
-    for light in lights:
-        d = np.asarray(light.direction, dtype=np.float64)
-        u = (np.arctan2(d[0], -d[2]) / (2 * np.pi)) % 1.0  # the environment's own (Mitsuba's) convention
-        v = np.arccos(np.clip(d[1], -1, 1)) / np.pi
-        colour = np.clip(np.asarray(light.colour) / max(np.max(light.colour), 1e-9), 0, 1)
-        ax.scatter([u * w], [v * h], s=40, color=colour, edgecolors="black", linewidths=0.8)
-        ax.annotate(light.kind[:3], (u * w, v * h), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    bg = lighting.background
-    what = "headlight" if lighting.headlight else f"{env.kind}, {len(lighting.lights)} lights"
-    ax.set_title(f"lighting: {what}; background {bg.mode}", fontsize=8)
+    lights = [(x.get("kind", "?"), x.get("direction"), x.get("colour")) for x in lighting.get("lights", [])]
+    if env.get("kind") == "sunsky":
+        lights.append(("sun", env.get("sun_direction"), (1.0, 0.9, 0.5)))
+    for kind, d, colour in lights:
+        try:
+            d, colour = np.asarray(d, dtype=np.float64), np.asarray(colour, dtype=np.float64)
+            u = (np.arctan2(d[0], -d[2]) / (2 * np.pi)) % 1.0  # the thumbnail's (Mitsuba's) convention
+            v = np.arccos(np.clip(d[1], -1, 1)) / np.pi
+        except (TypeError, ValueError, IndexError):
+            continue
+        ax.scatter([u * w], [v * h], s=40, color=np.clip(colour / max(colour.max(), 1e-9), 0, 1),
+                   edgecolors="black", linewidths=0.8)
+        ax.annotate(str(kind)[:3], (u * w, v * h), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    what = env.get("kind", "?") + (f" {env.get('file')}" if env.get("kind") == "image" else "")
+    bg = lighting.get("background", {}).get("mode", "?")
+    ax.set_title(f"lighting: {what}, {len(lighting.get('lights', []))} lights; background {bg}", fontsize=8)
 
 
 def _clip_sheet(sample: Sample, out_png: Path, background, title: str) -> None:
@@ -194,7 +195,7 @@ def _clip_sheet(sample: Sample, out_png: Path, background, title: str) -> None:
         ax.set_title("tracks.npz: unreadable", fontsize=9)
     else:
         T, N = li.shape
-        pick = np.linspace(0, N - 1, min(N, MAX_DRAWN_TRACKS)).astype(int) if N else np.zeros(0, int)
+        pick = drawn_tracks(N)
         seg = np.stack([uv[:-1, pick], uv[1:, pick]], axis=2).reshape(-1, 2, 2)  # (T-1)*n segments
         lay = li[:-1, pick].ravel()
         shown = (lay >= 0) & np.isfinite(seg).all(axis=(1, 2))

@@ -20,6 +20,7 @@ from ..image.lighting import (
     Lighting,
     LightingError,
     draw_lighting,
+    environment_thumbnail,
     environments,
     sampler_seed,
 )
@@ -109,7 +110,9 @@ def item_image(meshes, materials, camera, hits, lighting: Lighting, cfg: RenderC
     else:
         rgb, mode = view_image(meshes, camera, hits, im.renderer, im.fallback, lighting=lighting,
                                materials=materials, folder=im.environments or None)
-    record = {"renderer": mode.split("/")[0], **record, "lighting": lighting.to_json()}
+    thumb = environment_thumbnail(lighting.environment, im.environments or None)
+    record = {"renderer": mode.split("/")[0], **record, "lighting": lighting.to_json(),
+              "environment_thumbnail": {"height": thumb.shape[0], "width": thumb.shape[1], "rgb": thumb.tobytes().hex()}}
     drawn = {str(i): m.record() for i, m in enumerate(materials or []) if m.source == "random"}
     if drawn:
         record["materials"] = drawn
