@@ -112,7 +112,8 @@ def item_image(meshes, materials, camera, hits, lighting: Lighting, cfg: RenderC
                                materials=materials, folder=im.environments or None)
     thumb = environment_thumbnail(lighting.environment, im.environments or None)
     record = {"renderer": mode.split("/")[0], **record, "lighting": lighting.to_json(),
-              "environment_thumbnail": {"height": thumb.shape[0], "width": thumb.shape[1], "rgb": thumb.tobytes().hex()}}
+              "environment_thumbnail": {"height": thumb.shape[0], "width": thumb.shape[1],
+                                        "rgb": thumb.tobytes().hex()}}  # sRGB bytes, for contact sheets
     drawn = {str(i): m.record() for i, m in enumerate(materials or []) if m.source == "random"}
     if drawn:
         record["materials"] = drawn
