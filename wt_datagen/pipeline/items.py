@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..camera import Camera
-from ..image import mitsuba
 from ..image.lighting import (
     Environments,
     Lighting,
@@ -25,6 +24,7 @@ from ..image.lighting import (
     sampler_seed,
 )
 from ..image.materials import Material, albedo_layers, material_of, material_rng, randomised
+from ..image.mitsuba import MitsubaUnavailable, finish, load_mitsuba, scene_for, set_threads, variant
 from ..image.rgb import view_image
 from .config import ConfigError, RenderConfig
 from .shards import ItemStatus
@@ -65,9 +65,9 @@ def check_image_setup(cfg: RenderConfig) -> str:
         if im.environments:
             environments(im.environments).check()
         if im.renderer == "mitsuba":
-            mitsuba.load_mitsuba(im.mitsuba_variant)
-            return f"mitsuba ({mitsuba.variant()})"
-    except (LightingError, mitsuba.MitsubaUnavailable) as e:
+            load_mitsuba(im.mitsuba_variant)
+            return f"mitsuba ({variant()})"
+    except (LightingError, MitsubaUnavailable) as e:
         raise ConfigError(str(e)) from None
     return im.renderer
 
@@ -100,13 +100,13 @@ def item_image(meshes, materials, camera, hits, lighting: Lighting, cfg: RenderC
     im = cfg.image
     record: dict = {}
     if im.renderer == "mitsuba":
-        mitsuba.set_threads(caster_threads(cfg))
+        set_threads(caster_threads(cfg))
         seed = sampler_seed(cfg.seed, key)
-        scene = mitsuba.scene_for(meshes, materials, im.mitsuba_variant)
-        rgb = mitsuba.finish(scene.render(camera, lighting, im.spp, seed, im.max_depth, im.environments or None),
+        scene = scene_for(meshes, materials, im.mitsuba_variant)
+        rgb = finish(scene.render(camera, lighting, im.spp, seed, im.max_depth, im.environments or None),
                              lighting)
-        mode = f"mitsuba/{mitsuba.variant()}"
-        record = {"variant": mitsuba.variant(), "spp": im.spp, "max_depth": im.max_depth, "sampler_seed": seed}
+        mode = f"mitsuba/{variant()}"
+        record = {"variant": variant(), "spp": im.spp, "max_depth": im.max_depth, "sampler_seed": seed}
     else:
         rgb, mode = view_image(meshes, camera, hits, im.renderer, im.fallback, lighting=lighting,
                                materials=materials, folder=im.environments or None)
