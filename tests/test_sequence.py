@@ -167,6 +167,9 @@ def test_two_objects_passing_in_front_of_each_other(tmp_path):
     tr, frames = run_clip(seq, cams)
     on_wall = tr["query_instance"] == 0
     assert on_wall.any() and (~on_wall).any()
+    # the mover enters the view: tracks seeded on it then are checked below on every frame, before their
+    # query frame too (back-filled)
+    assert ((tr["query_frame"] > 0) & ~on_wall).sum() > 5
     p0 = tr["world_xyz"][0].astype(np.float64)
     for t in range(T):
         shift = np.where(on_wall[:, None], 0.0, [xs[t] - xs[0], 0.0, 0.0])
