@@ -34,6 +34,11 @@ def _show(ax, img, title: str, **kw):
     return im
 
 
+def drawn_tracks(n: int, limit: int = MAX_DRAWN_TRACKS) -> np.ndarray:
+    """(m,) int64 indices of at most ``limit`` of ``n`` tracks, spread evenly (all of them if ``n <= limit``)."""
+    return np.linspace(0, n - 1, min(n, limit)).astype(np.int64) if n else np.zeros(0, np.int64)
+
+
 def layer_colours(n: int) -> np.ndarray:
     """(n, 3) uint8 colours, one per layer index (tab10 cycled)."""
     import matplotlib
@@ -141,7 +146,7 @@ def _clip_sheet(sample: Sample, out_png: Path, background, title: str) -> None:
         ax.set_title("tracks.npz: unreadable", fontsize=9)
     else:
         T, N = li.shape
-        pick = np.linspace(0, N - 1, min(N, MAX_DRAWN_TRACKS)).astype(int) if N else np.zeros(0, int)
+        pick = drawn_tracks(N)
         seg = np.stack([uv[:-1, pick], uv[1:, pick]], axis=2).reshape(-1, 2, 2)  # (T-1)*n segments
         lay = li[:-1, pick].ravel()
         shown = (lay >= 0) & np.isfinite(seg).all(axis=(1, 2))

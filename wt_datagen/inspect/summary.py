@@ -124,13 +124,28 @@ class _Stats:
         }
 
 
-def scan(paths: list[Path], validate: bool = False, keep=None) -> tuple[dict, list[Problem], list[Sample]]:
+def scan(
+    paths: list[Path], validate: bool = False, keep=None, progress=None
+) -> tuple[dict, list[Problem], list[Sample]]:
     """One pass over ``paths``: summary dict, problems (decoding ones always, schema ones if ``validate``)
-    and the samples for which ``keep(index, sample)`` is true. Duplicate keys are problems."""
+    and the samples for which ``keep(index, sample)`` is true. Duplicate keys are problems.
+
+    ``progress``: a :class:`wt_datagen.console.Progress` (or anything with ``update(n)``) over
+    ``len(paths)`` shards; it is advanced as each shard is finished."""
     stats, problems, kept, seen = _Stats(), [], [], {}
     ledger = ClipLedger() if validate else None
     index = 0
+    order = {str(p): i for i, p in enumerate(paths)}
+    done = 0  # shards finished: every shard before the one being read
+
+    def advance(to: int) -> None:
+        nonlocal done
+        if progress is not None and to > done:
+            progress.update(to - done)
+        done = max(done, to)
+
     for item in read_samples(paths):
+        advance(order.get(item.shard, done))
         if isinstance(item, Problem):
             problems.append(item)
             continue
@@ -152,6 +167,7 @@ def scan(paths: list[Path], validate: bool = False, keep=None) -> tuple[dict, li
         if keep is not None and keep(index, item):
             kept.append(item)
         index += 1
+    advance(len(paths))
     return stats.report(paths, problems), problems, kept
 
 
