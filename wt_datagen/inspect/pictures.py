@@ -170,7 +170,8 @@ def _clip_sheet(sample: Sample, out_png: Path, background, title: str) -> None:
         ax2.set_ylabel("share of tracks")
         ax2.set_title("layer index over time", fontsize=9)
         ax2.legend(fontsize=7, loc="lower right")
-        _motion_panel(axes[2], t, pick, seg, lay, background, W, H)
+        ref = sample.meta.get("query_frame") if isinstance(sample.meta, dict) else None
+        _motion_panel(axes[2], t, pick, seg, lay, background, W, H, ref)
         _coverage_panel(axes[3], t.get("coverage"))
     fig.suptitle(title)
     fig.savefig(out_png, dpi=80)
@@ -181,9 +182,9 @@ STATIC_COLOUR, DYNAMIC_COLOUR, SEED_COLOUR = (0.2, 0.45, 0.9), (0.95, 0.45, 0.05
 
 
 def _motion_panel(ax, t: dict, pick: np.ndarray, seg: np.ndarray, lay: np.ndarray, background, W: int,
-                  H: int) -> None:
-    """Tracks in two colours, static and dynamic; those seeded after the reference frame marked (x) at their
-    query pixel on their query frame."""
+                  H: int, ref: int | None = None) -> None:
+    """Tracks in two colours, static and dynamic; those seeded on another frame than the reference frame
+    (``ref``, meta.json ``query_frame``; else the earliest query frame) marked (x) at their query pixel."""
     from matplotlib.collections import LineCollection
 
     if background is not None:
@@ -203,11 +204,11 @@ def _motion_panel(ax, t: dict, pick: np.ndarray, seg: np.ndarray, lay: np.ndarra
     ax.plot([], [], color=STATIC_COLOUR, label=f"static ({int((~dyn).sum())})")
     ax.plot([], [], color=DYNAMIC_COLOUR, label=f"dynamic ({int(dyn.sum())})")
     if qf is not None and "query_pixel" in t and np.ndim(qf) == 1 and len(qf) == N:
-        late = np.flatnonzero(qf > qf.min(initial=0))
-        late = late[np.isin(late, pick)]
-        p = t["query_pixel"][late] + 0.5
+        ref = ref if isinstance(ref, int) else int(qf.min(initial=0))
+        late = np.flatnonzero(qf != ref)
+        p = t["query_pixel"][late[np.isin(late, pick)]] + 0.5
         ax.scatter(p[:, 0], p[:, 1], marker="x", s=10, linewidths=0.7, color=SEED_COLOUR,
-                   label=f"seeded later ({int((qf > qf.min(initial=0)).sum())})")
+                   label=f"seeded later ({len(late)})")
     ax.legend(fontsize=7, loc="upper right")
     ax.set_title("static / dynamic; x: seeded later", fontsize=9)
 
