@@ -30,6 +30,7 @@ class _Stats:
     dmax: np.ndarray = field(default_factory=lambda: np.zeros(0))
     truncated: int = 0
     dynamic_tracks: int = 0
+    labelled_tracks: int = 0  # tracks of clips that store the dynamic flag
     cov_min: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per layer, over clip frames
     cov_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
     cov_frames: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -45,7 +46,9 @@ class _Stats:
             wx = s.tracks.get("world_xyz")
             self.tracks += int(wx.shape[1]) if wx is not None and wx.ndim == 3 else 0
             dyn = s.tracks.get("dynamic")
-            self.dynamic_tracks += int(np.count_nonzero(dyn)) if dyn is not None and dyn.dtype == bool else 0
+            if dyn is not None and dyn.dtype == bool:
+                self.dynamic_tracks += int(np.count_nonzero(dyn))
+                self.labelled_tracks += dyn.size
             self._add_coverage(s)
             return
         self.views += 1
@@ -113,6 +116,7 @@ class _Stats:
             ],
             "truncated_ray_fraction": self.truncated / max(pixels, 1),
             "dynamic_tracks": self.dynamic_tracks,
+            "labelled_tracks": self.labelled_tracks,
             "track_coverage": {  # per layer over every clip frame: share of valid pixels within a stride of a track
                 str(k): {"min": float(m), "mean": float(t / n), "frames": int(n)}
                 for k, (m, t, n) in enumerate(zip(self.cov_min, self.cov_sum, self.cov_frames)) if n
@@ -210,9 +214,9 @@ def format_summary(d: dict) -> str:
                         for k, c in d["track_coverage"].items())
         lines.append(f"track coverage    {cov} (pixels within a stride of a track; worst layer 0: "
                      f"{d['track_coverage_worst']})")
-    if d["tracks"]:
-        lines.append(f"dynamic tracks    {d['dynamic_tracks']} of {d['tracks']} "
-                     f"({100 * d['dynamic_tracks'] / d['tracks']:.1f}%)")
+    if d["labelled_tracks"]:
+        lines.append(f"dynamic tracks    {d['dynamic_tracks']} of {d['labelled_tracks']} "
+                     f"({100 * d['dynamic_tracks'] / d['labelled_tracks']:.1f}%)")
     lines.append(
         f"problems          {len(d['problems'])}"
         + (f" ({d['unreadable_views']} views unreadable)" if d["unreadable_views"] else "")
