@@ -310,42 +310,92 @@ def clip(data):
         for a in np.linspace(0, 0.6, T)
     ]
     clip = Clip("nested", 0, np.arange(T), np.arange(T) / 24.0, cams, "orbit")
-    tracker = ClipTracker(scene, clip, num_layers=K, query_stride=4)
+    tracker = ClipTracker(scene, clip, num_layers=K, query_stride=4, scene_flow=True)
     frames = [f for f in tracker.frames()]
     tracks = tracker.arrays()
+    clip_meta = {"sequence_id": "nested", "clip_index": 0, "query_stride": 4, "num_layers": K,
+                 "dynamic_tolerance": tracker.tolerance}
     files = {
         "__key__": "nested_c0000_tracks",
         "tracks.npz": encode_npz(tracks),
         "cameras.json": json.dumps(cameras_json(clip, 24.0)).encode(),
-        "meta.json": json.dumps({"schema_version": 1, "sequence_id": "nested", "clip_index": 0}).encode(),
+        "meta.json": json.dumps({"schema_version": 1, **clip_meta}).encode(),
     }
-    written = [
+    frame_files = [
         encode_sample(
             f"nested_c0000_f{f.t:04d}",
             _shade(f.hits),
             f.hits,
             f.camera,
-            {
-                **_meta("nested", f.t, ["box", "ball"]),
-                "sequence_id": "nested",
-                "clip_index": 0,
-                "frame_index": f.frame_index,
-                "timestamp": f.timestamp,
-            },
+            {**_meta("nested", f.t, ["box", "ball"]), **clip_meta, "frame_index": f.frame_index,
+             "timestamp": f.timestamp, "next_frame_index": f.next_frame_index},
+            extra_layers=f.extra_layers(),
         )
         for f in frames
     ]
-    path = _write(data["root"].parent / "clip.tar", [written[0], files])
     # the whole clip, as the renderer writes it: every frame, then the tracks sample
-    full = _write(data["root"].parent / "clip_frames.tar", [*written, files])
-    return {"path": path, "full_path": full, "tracks": tracks, "files": files, "frames": frames}
+    path = _write(data["root"].parent / "clip.tar", frame_files + [files])
+    return {"path": path, "full_path": path, "tracks": tracks, "files": files, "frames": frames,
+            "frame_files": frame_files, "T": T}
 
 
 def test_clip_sample_validates_and_is_summarised(clip):
-    assert wi.validate([clip["path"]]) == []
+    assert wi.validate([clip["path"]]) == []  # the cross-checks of the frames and the tracks included
     d = wi.summarise([clip["path"]])
-    assert (d["views"], d["clips"], d["tracks"]) == (1, 1, len(clip["tracks"]["query_layer"]))
+    assert (d["views"], d["clips"], d["tracks"]) == (clip["T"], 1, len(clip["tracks"]["query_layer"]))
     assert (clip["tracks"]["layer_index"] > 0).any()  # hidden layers are really tracked
+    assert d["dynamic_tracks"] == int(clip["tracks"]["dynamic"].sum()) > 0  # the ball moves, the box does not
+    cov = clip["tracks"]["coverage"]
+    assert d["track_coverage"]["0"]["min"] == pytest.approx(float(np.nanmin(cov[:, 0])))
+    assert "track coverage" in wi.format_summary(d) and "dynamic tracks" in wi.format_summary(d)
+
+
+def _npz_with(data: bytes, **changes) -> bytes:
+    arrays = dict(np.load(io.BytesIO(data), allow_pickle=False))
+    for name, change in changes.items():
+        arrays[name] = change(arrays[name].copy())
+    return encode_npz(arrays)
+
+
+def _set(index, value):
+    def change(a):
+        a[index] = value
+        return a
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "where, field, change, problem",
+    [
+        ("tracks", "dynamic", np.logical_not, ("tracks.npz:dynamic", "disagrees with the displacement")),
+        ("tracks", "world_displacement", lambda a: a + 0.01, ("tracks.npz:world_displacement", "disagrees")),
+        ("tracks", "coverage", _set((1, 0), 0.5), ("tracks.npz:coverage", "disagrees with the frames")),
+        ("frame", "next_world_xyz", lambda a: a + np.float32(0.01) * (a != 0),
+         ("tracks.npz:world_xyz", "at the next frame != the query crossing's next_world_xyz")),
+        ("frame", "dynamic", np.ones_like, ("layers.npz:dynamic", "dynamic where invalid")),
+    ],
+)
+def test_clip_motion_and_coverage_claims_are_checked(clip, tmp_path, where, field, change, problem):
+    frames = [dict(f) for f in clip["frame_files"]]
+    tracks = dict(clip["files"])
+    if where == "tracks":
+        tracks["tracks.npz"] = _npz_with(tracks["tracks.npz"], **{field: change})
+    else:
+        frames[0]["layers.npz"] = _npz_with(frames[0]["layers.npz"], **{field: change})
+    problems = wi.validate([_write(tmp_path / "c.tar", frames + [tracks])])
+    assert any(p.field == problem[0] and p.message.startswith(problem[1]) for p in problems), problems
+
+
+def test_frame_dynamic_mask_disagreeing_with_its_flow_is_named(clip, tmp_path):
+    frames = [dict(f) for f in clip["frame_files"]]
+    layers = np.load(io.BytesIO(frames[0]["layers.npz"]))
+    assert layers["dynamic"].any() and (~layers["dynamic"] & layers["valid"]).any()  # the ball, the box
+    frames[0]["layers.npz"] = _npz_with(frames[0]["layers.npz"], dynamic=np.zeros_like)
+    problems = wi.validate([_write(tmp_path / "c.tar", frames + [clip["files"]])])
+    # against its own next_world_xyz, and against the tracks seeded on that frame
+    assert any(p.field == "layers.npz:dynamic" and "next_world_xyz" in p.message for p in problems)
+    assert any(p.message.startswith("step to the next frame disagrees") for p in problems)
 
 
 def test_clip_with_wrong_layer_index_is_named(clip, tmp_path):
@@ -373,8 +423,8 @@ def test_contact_sheets(data, clip, tmp_path, capsys):
         assert im.size == (4 * 3.2 * 80, -(-panels // 4) * 3.0 * 80)
         assert np.asarray(im.convert("L")).std() > 10  # something was drawn
     assert main(["inspect", str(clip["path"]), "--show", "nested_c0000_tracks", "--out", str(out)]) == 0
-    with Image.open(out / "nested_c0000_tracks.png") as im:
-        assert im.size == (2 * 3.2 * 80, 3.0 * 80)
+    with Image.open(out / "nested_c0000_tracks.png") as im:  # tracks by layer, layer shares, motion, coverage
+        assert im.size == (4 * 3.2 * 80, 3.0 * 80)
     assert main(["inspect", str(clip["path"]), "--show", "no_such_key", "--out", str(out)]) == 1
     assert "no sample with key no_such_key" in capsys.readouterr().err
 
