@@ -15,6 +15,7 @@ import trimesh
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
+from tests.test_sequence import only_sequence, write_frames
 from wt_datagen.camera import Camera
 from wt_datagen.geometry.tracks import Clip, ClipTracker
 from wt_datagen.inputs.assets import asset_to_world
@@ -24,17 +25,6 @@ from wt_datagen.pipeline.cameras import make_clip
 from wt_datagen.pipeline.config import SequenceConfig
 
 RES, LAYERS, STRIDE = 48, 6, 3
-
-
-def write_frames(folder: Path, vertex_frames, faces) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for t, v in enumerate(vertex_frames):
-        trimesh.Trimesh(v, faces, process=False).export(folder / f"frame_{t:04d}.ply")
-
-
-def only_sequence(asset_dir: Path):
-    (source,) = find_sequences(asset_dir)
-    return load_sequence(source, asset_dir)
 
 
 def run(seq, cameras, frames=None, **kw):
