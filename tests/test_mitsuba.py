@@ -14,12 +14,11 @@ import pytest
 import trimesh
 from PIL import Image
 
+from tests.test_image import normalised_scenes
 from wt_datagen import Camera, LayeredRaycaster
 from wt_datagen.image.lighting import Background, Environment, Lighting, LightingConfig, draw_lighting
 from wt_datagen.image.materials import albedo_layers, linear_to_srgb, material_of, to_uint8
 from wt_datagen.image.mitsuba import MitsubaScene, check_camera, finish, set_threads
-from wt_datagen.inputs.assets import asset_to_world, load_asset
-from wt_datagen.inputs.builtin import make_builtin_assets
 
 PYBULLET = Path(pybullet_data.getDataPath())
 DARK = Lighting(Environment("constant"), (), Background("transparent"))  # nothing lights the scene
@@ -28,17 +27,8 @@ DARK = Lighting(Environment("constant"), (), Background("transparent"))  # nothi
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     """Unit-box normalised meshes and their materials: built-in and pybullet_data assets."""
-    out = tmp_path_factory.mktemp("assets")
-    paths = {p.parent.name: p for p in make_builtin_assets(out)}
-    chosen = [(paths[n], out) for n in ("mug", "table", "torus_knot", "box_in_box", "thin_plate")]
-    chosen += [(PYBULLET / "duck.obj", PYBULLET), (PYBULLET / "soccerball.obj", PYBULLET)]
-    result = {}
-    for path, root in chosen:
-        asset = load_asset(path, root)
-        T = asset_to_world(asset.meshes)
-        meshes = [m.copy().apply_transform(T) for m in asset.meshes]
-        result[asset.asset_id] = (meshes, [material_of(m) for m in meshes])
-    return result
+    return {k: (meshes, [material_of(m) for m in meshes])
+            for k, meshes in normalised_scenes(tmp_path_factory.mktemp("assets")).items()}
 
 
 def offcentre(width=160, height=120, dx=9.3, dy=-13.7, eye=(1.1, 0.8, 1.6)):

@@ -33,17 +33,7 @@ from ..schema import (
 )
 from .cameras import make_clip
 from .config import RenderConfig
-from .items import (
-    Clock,
-    ItemResult,
-    ProgressFn,
-    WorkItem,
-    caster_threads,
-    item_image,
-    item_layers,
-    item_lighting,
-    item_materials,
-)
+from .items import Clock, ItemResult, ProgressFn, WorkItem, caster_threads, item_lighting, item_materials, view_outputs
 from .shards import ItemStatus
 
 
@@ -138,9 +128,8 @@ def render_sequence(item: WorkItem, cfg: RenderConfig, asset_dir: str, progress:
             clock.lap("frames")
             materials = item_materials(frame.meshes, cfg, seq.sequence_id)
             key = frame_key(seq.sequence_id, c, frame.frame_index)
-            rgb, image_mode, image_meta = item_image(frame.meshes, materials, frame.camera, frame.hits, lighting,
-                                                     cfg, key)
-            extra = item_layers(frame.meshes, materials, frame.hits, cfg)
+            rgb, image_mode, image_meta, extra = view_outputs(frame.meshes, materials, frame.camera, frame.hits,
+                                                              lighting, cfg, key)
             clock.lap("image")
             frame_meta = {**meta, "view_index": frame.t, "clip_index": c, "frame_index": frame.frame_index,
                           "timestamp": frame.timestamp, "next_frame_index": frame.next_frame_index,

@@ -127,6 +127,14 @@ def item_layers(meshes, materials, hits, cfg: RenderConfig) -> dict[str, np.ndar
     return {"albedo": albedo_layers(materials, meshes, hits)}
 
 
+def view_outputs(meshes, materials, camera, hits, lighting: Lighting, cfg: RenderConfig,
+                 key: str) -> tuple[np.ndarray, str, dict, dict[str, np.ndarray]]:
+    """Everything of a cast view besides the layers: :func:`item_image` (image, renderer, its meta record)
+    and :func:`item_layers` (optional extra layer fields)."""
+    rgb, mode, record = item_image(meshes, materials, camera, hits, lighting, cfg, key)
+    return rgb, mode, record, item_layers(meshes, materials, hits, cfg)
+
+
 class Clock:
     """Accumulates wall time per stage."""
 

@@ -10,17 +10,7 @@ from ..inputs.assets import asset_to_world, load_asset
 from ..schema import encode_sample, meta_record, sample_key
 from .cameras import view_camera
 from .config import RenderConfig
-from .items import (
-    Clock,
-    ItemResult,
-    ProgressFn,
-    WorkItem,
-    caster_threads,
-    item_image,
-    item_layers,
-    item_lighting,
-    item_materials,
-)
+from .items import Clock, ItemResult, ProgressFn, WorkItem, caster_threads, item_lighting, item_materials, view_outputs
 from .shards import ItemStatus
 
 
@@ -51,8 +41,8 @@ def render_asset(item: WorkItem, cfg: RenderConfig, asset_dir: str, progress: Pr
             clock.lap("cast")
             lighting = item_lighting(cfg, asset.asset_id, view, camera, bounds)
             key = sample_key(asset.asset_id, view)
-            rgb, image_mode, image_meta = item_image(asset.meshes, materials, camera, hits, lighting, cfg, key)
-            extra = item_layers(asset.meshes, materials, hits, cfg)
+            rgb, image_mode, image_meta, extra = view_outputs(asset.meshes, materials, camera, hits, lighting,
+                                                              cfg, key)
             clock.lap("image")
             if pending is not None:
                 samples.append(pending.result())
