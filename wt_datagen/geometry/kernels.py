@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -33,6 +34,10 @@ SHORT_LIST = 24  # candidate lists up to this length are sorted by insertion, lo
 
 # numba probes TBB first and warns when the system's is too old; it then uses OpenMP or its own pool.
 warnings.filterwarnings("ignore", message="The TBB threading layer")
+# Embree runs its own TBB pool; numba's TBB layer would then hang at interpreter exit (its tbb::finalize waits
+# for Embree's workers). So numba uses OpenMP unless NUMBA_THREADING_LAYER says otherwise.
+if numba.config.THREADING_LAYER == "default":
+    numba.config.THREADING_LAYER = "omp"
 
 
 @njit(cache=True, inline="always")
