@@ -18,7 +18,7 @@ sysdeps:
 	  else echo "missing system libraries; run: sudo apt-get install -y$$missing"; exit 1; fi; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py wt_datagen/geometry/_embree.cpp Makefile
+$(VENV)/.installed: pyproject.toml setup.py wt_datagen/geometry/embree_engine.cpp Makefile
 	$(MAKE) sysdeps
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

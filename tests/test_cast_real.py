@@ -19,8 +19,8 @@ from wt_datagen import Camera, LayeredRaycaster
 
 FACE_RANGE = (1000, 5000)  # faces recorded in the file (OBJ f lines, STL facets)
 VARIANTS = {  # (scale, offset): the mesh scaled about the origin, then moved; cameras move with it
-    "scaled 1e-3": (1e-3, 0.0),
-    "scaled 1e3": (1e3, 0.0),
+    "scaled 1e-3": (1e-3, np.zeros(3)),
+    "scaled 1e3": (1e3, np.zeros(3)),
     "moved 1e3": (1.0, np.array([1e3, -7e2, 3e2])),
     "moved 1e5": (1.0, np.array([1e5, 3e4, -6e4])),
 }

@@ -1,6 +1,6 @@
 """The layered ray caster: every front-to-back surface crossing of every pixel's ray.
 
-An engine proposes candidate (ray, face) pairs: by default ``_embree`` (our Embree 3 extension: every hit of
+An engine proposes candidate (ray, face) pairs: by default ``embree_engine`` (our Embree 3 extension: every hit of
 Embree's watertight float32 test in one traversal, nothing filtered), or Open3D's ``list_intersections``.
 The kernels of ``kernels.py`` then decide every candidate exactly in float64 and order the crossings (their
 module docstring gives the rules). Geometry is recentred on its bounding box before it becomes float32, so
@@ -353,12 +353,12 @@ def _to_image(a: np.ndarray, key: str, H: int, W: int) -> np.ndarray:
 
 
 class _EmbreeEngine:
-    """Every candidate face of every ray from our Embree 3 extension (``_embree.cpp``), into fixed buffers."""
+    """Every candidate face of every ray from our Embree 3 extension (``embree_engine.cpp``), into fixed buffers."""
 
     def __init__(self, verts32: np.ndarray, faces: np.ndarray, num_threads: int = 0):
-        from . import _embree
+        from .embree_engine import Scene
 
-        self._scene = _embree.Scene(verts32, faces.astype(np.uint32), num_threads)
+        self._scene = Scene(verts32, faces.astype(np.uint32), num_threads)
 
     def candidates(self, rays32: np.ndarray, start: int, stop: int, num_threads: int):
         """(end, off, cnt, faces): rays [start, end) of [start, stop) are done; ray start + i's candidate faces

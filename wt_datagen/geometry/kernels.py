@@ -1,7 +1,7 @@
 """Numba kernels of the caster: pinhole ray generation, and the exact decision, in float64, of every
 candidate (ray, face) an engine proposes.
 
-An engine (``_embree.Scene``: every hit of Embree's watertight float32 test in one traversal) proposes
+An engine (``embree_engine.Scene``: every hit of Embree's watertight float32 test in one traversal) proposes
 candidate faces per ray. Three kernels then decide, on the very ray the engine traced (its float32 origin and
 direction, read as float64) and on the engine's own float32 vertices (read as float64):
 
@@ -108,7 +108,7 @@ def _near_border(tri, f, kx, ky, kz, sx, sy, ox, oy, oz, margin) -> int:
     """THE near-border rule: a mask of corners of face f (bits 1, 2, 4) whose vertex stars must be candidates,
     because an edge there passes within ``delta`` of the ray in its shear plane. The engine's float32 test
     works on the corners relative to the ray origin, whose coordinates are at most ``L`` in magnitude; its
-    rounding (and the tilt of ``_embree``'s extra traces) moves each corner by ``delta = margin * L`` at most
+    rounding (and the tilt of ``embree_engine``'s extra traces) moves each corner by ``delta = margin * L`` at most
     (margin a few float32 ulps), so it can put the ray on the other side of the triangle's border only where
     an edge passes that close. Relative, so it holds at any scale and any distance from the origin. The face
     the ray crosses there instead shares the edge, or the vertex, nearest the ray: of each such edge, the

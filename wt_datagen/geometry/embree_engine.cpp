@@ -236,7 +236,7 @@ class Scene {
 
 }  // namespace
 
-PYBIND11_MODULE(_embree, m) {
+PYBIND11_MODULE(embree_engine, m) {
   m.doc() = "Every candidate (ray, face) of a triangle scene in one Embree 3 traversal per ray.";
   py::class_<Scene>(m, "Scene")
       .def(py::init<py::array_t<float, py::array::c_style | py::array::forcecast>,
