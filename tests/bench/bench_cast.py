@@ -130,10 +130,11 @@ def peak_memory_mb(scene: str, res: int = 1024) -> dict:
     make, cam = {"synthetic": ("big_scene()", f"camera_for(rc, {res})"),
                  "deep": ("deep_scene()", f"deep_camera({res})")}[scene]
     code = (
-        "import resource, json, time;"
+        "import json, time;"
         "from tests.bench.bench_cast import big_scene, deep_scene, camera_for, deep_camera;"
         f"from wt_datagen import LayeredRaycaster; rc = LayeredRaycaster({make});"
-        "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; base = rss();"
+        # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork and exec.
+        "rss = lambda: int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024; base = rss();"
         f"t = time.perf_counter(); h = rc.cast({cam}, {K}); s = time.perf_counter() - t;"
         "print(json.dumps([base, rss(), float(h.num_hits.mean()), int(h.num_hits.max()), s]))"
     )

@@ -164,8 +164,7 @@ class LayeredRaycaster:
         norm = np.linalg.norm(n, axis=1, keepdims=True)
         self._face_normal = np.divide(n, norm, out=np.zeros_like(n), where=norm > 0)
         # Vertex stars over merged positions (split vertices at UV seams, touching bodies and instances).
-        _, vmerge = np.unique(verts32.view(np.dtype((np.void, 12))).ravel(), return_inverse=True)
-        self._vmerge = vmerge.ravel().astype(np.int64)
+        self._vmerge = _merged_positions(verts32)
         corner_vertex = self._vmerge[self._faces].ravel()
         order = np.argsort(corner_vertex, kind="stable")
         self._star_idx = (order // 3).astype(np.int64)
@@ -343,6 +342,18 @@ class _Scratch:
             self._arrays = (np.empty(size, np.int32), np.empty(size, np.int32), np.empty(size), np.empty(size),
                             np.empty(size), np.empty(size, np.bool_))
         return self._arrays
+
+
+def _merged_positions(v: np.ndarray) -> np.ndarray:
+    """(V,) int64 id of each float32 vertex's position: equal ids for bit-identical positions, numbered in
+    sorted order (0.0 and -0.0 must have been made equal before)."""
+    bits = v.view(np.uint32)
+    order = np.lexsort((bits[:, 2], bits[:, 1], bits[:, 0]))
+    new = np.ones(len(v), bool)
+    new[1:] = (bits[order[1:]] != bits[order[:-1]]).any(axis=1)
+    ids = np.empty(len(v), np.int64)
+    ids[order] = np.cumsum(new) - 1
+    return ids
 
 
 def _to_image(a: np.ndarray, key: str, H: int, W: int) -> np.ndarray:

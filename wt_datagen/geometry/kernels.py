@@ -7,7 +7,10 @@ direction, read as float64) and on the engine's own float32 vertices (read as fl
 
 1. ``mark_candidates``: which proposals lie so close to their triangle's border that the engine's float32
    arithmetic may have put the ray on the wrong side of an edge (the one near-border rule, ``_near_border``);
-   their vertex stars become candidates too, since the face the ray really crosses shares a vertex.
+   the faces around those corners (vertex stars) become candidates too, since the face the ray really
+   crosses there shares the corner. A ray running along a chain of edges (exactly along an edge of an
+   axis-aligned part, say) is resolved again with all its candidates as proposals, until no candidate is
+   near its border at a corner whose faces are not in yet.
 2. ``resolve_crossings``: each distinct candidate is tested exactly with a watertight ray/triangle test
    (Woop, Benthin & Wald, JCGT 2013) whose ties are broken by simulation of simplicity: the ray is displaced
    by an infinitesimal (d, d^2) in the sheared image plane, so a ray through an edge or a vertex belongs to
