@@ -7,18 +7,28 @@ Two ways to make it:
 - ``mode="raytrace"``: shading of the caster's layer 0 (texture looked up through face id + barycentric
   coordinates), a fallback for machines without OpenGL. It needs no GL and never fails on odd visuals.
 
-Both treat every surface as opaque and double-sided, as the caster does.
+Both treat every surface as opaque and double-sided, as the caster does, except alpha cutouts (glTF
+``alphaMode: MASK``; BLEND is turned into a cutout at load, ``inputs.assets.BLEND_CUTOFF``): pyrender discards
+the fragments whose base-colour alpha is below the cutoff (a patched copy of its fragment shader, bilinear
+sampling without mipmaps, the sampler's wrap modes), the test the caster applies per crossing
+(``geometry.cutout``); the ray tracer shades the caster's layer 0, which is cut already. Vertex colours
+multiply the base colour in both.
 """
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import trimesh
 
 from ..camera import Camera
+from ..geometry.cutout import Cutout, sample_bilinear
 
 AMBIENT = 0.3  # share of light that does not depend on the normal
 DEFAULT_COLOUR = (0.8, 0.8, 0.8)  # surfaces without colour (pyrender's default material is white-ish too)
@@ -61,7 +71,11 @@ def _renderer(width: int, height: int):
     key = (width, height)
     if key not in _RENDERERS:
         try:
-            _RENDERERS[key] = pyrender.OffscreenRenderer(width, height)
+            renderer = pyrender.OffscreenRenderer(width, height)
+            from pyrender.shader_program import ShaderProgramCache
+
+            renderer._renderer._program_cache = ShaderProgramCache(shader_dir=_patched_shaders(pyrender))
+            _RENDERERS[key] = renderer
         except Exception as e:
             platform = os.environ.get("PYOPENGL_PLATFORM", "default")
             raise GLUnavailable(
@@ -70,24 +84,92 @@ def _renderer(width: int, height: int):
     return _RENDERERS[key]
 
 
+# pyrender's fragment shader, patched: (1) MASK cutouts: a negative base-colour alpha factor -0.5 f / c marks a
+# cutout of factor f and cutoff c, and a fragment is discarded unless texture alpha * f >= c; (2) glTF's
+# metallic-roughness channels (roughness G, metallic B; pyrender reads R, G); (3) the emissive factor applied
+# once (pyrender multiplies it twice).
+_SHADER_PATCHES = [
+    ("""    base_color = base_color * srgb_to_linear(texture(material.base_color_texture, uv_0));
+#endif
+""", """    base_color = base_color * srgb_to_linear(texture(material.base_color_texture, uv_0));
+#endif
+    if (material.base_color_factor.a < 0.0) {  // wt_datagen: alphaMode MASK
+        if (base_color.a > -0.5) discard;
+        base_color.a = 1.0;
+    }
+"""),
+    ("vec2 mr = texture(material.metallic_roughness_texture, uv_0).rg;",
+     "vec2 mr = texture(material.metallic_roughness_texture, uv_0).bg;"),
+    ("color.xyz += emissive * material.emissive_factor;", "color.xyz += emissive;"),
+]
+_SHADER_DIR: list[str] = []
+
+
+def _patched_shaders(pyrender) -> str:
+    """A folder (temporary, one per process) holding pyrender's shaders with :data:`_SHADER_PATCHES`."""
+    if _SHADER_DIR:
+        return _SHADER_DIR[0]
+    source = Path(pyrender.__file__).parent / "shaders"
+    folder = tempfile.mkdtemp(prefix="wt-shaders-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    for f in source.iterdir():
+        shutil.copy(f, folder)
+    frag = Path(folder) / "mesh.frag"
+    text = frag.read_text()
+    for old, new in _SHADER_PATCHES:
+        if old not in text:
+            raise GLUnavailable(f"pyrender's mesh.frag has changed (no {old.strip()[:50]!r}); cannot patch it")
+        text = text.replace(old, new)
+    frag.write_text(text)
+    _SHADER_DIR.append(folder)
+    return folder
+
+
+_GL_WRAP = {"repeat": 10497, "mirror": 33648, "clamp": 33071}
+_GL_LINEAR = 9729
+
+
+def _pyrender_mesh(pyrender, mesh: trimesh.Trimesh):
+    """A pyrender mesh of one trimesh mesh: double-sided, opaque except a MASK cutout (the same
+    :class:`Cutout` the caster applies), textures with their wrap modes, vertex colours multiplying."""
+    # face colours cannot be smooth-shaded in pyrender; everything else uses vertex normals
+    try:
+        pm = pyrender.Mesh.from_trimesh(mesh, smooth=mesh.visual.kind != "face")
+    except Exception:  # visuals pyrender cannot take (odd materials): the geometry, plain grey
+        return pyrender.Mesh.from_trimesh(trimesh.Trimesh(mesh.vertices, mesh.faces, process=False))
+    cutout = Cutout.from_mesh(mesh)
+    wrap = tuple(mesh.metadata.get("texture_wrap", ("repeat", "repeat")))
+    colours = mesh.vertex_attributes.get("color") if mesh.visual.kind == "texture" else None
+    for prim in pm.primitives:
+        material = prim.material
+        material.alphaMode = "OPAQUE"  # the caster sees every surface: no blending, no back-face culling
+        material.doubleSided = True
+        filters = (_GL_LINEAR, _GL_LINEAR) if cutout is not None and cutout.alpha is not None else (None, None)
+        if wrap != ("repeat", "repeat") or filters[0] is not None:
+            for name in ("baseColorTexture", "emissiveTexture", "metallicRoughnessTexture"):
+                tex = getattr(material, name, None)
+                if tex is not None:
+                    tex.sampler = pyrender.Sampler(magFilter=filters[0], minFilter=filters[1],
+                                                   wrapS=_GL_WRAP[wrap[0]], wrapT=_GL_WRAP[wrap[1]])
+        if cutout is not None:
+            factor = np.array(material.baseColorFactor, dtype=np.float32)
+            factor[3] = -0.5 * cutout.factor / cutout.cutoff  # the shader's MASK test (see _SHADER_PATCHES)
+            material.baseColorFactor = factor
+            material.alphaMode = "MASK"
+        if colours is not None and len(colours) == len(prim.positions):
+            prim.color_0 = np.asarray(colours, dtype=np.float32) / 255.0
+    return pm
+
+
 def _scene(meshes: list[trimesh.Trimesh], key: tuple[int, int]):
-    """A pyrender scene of the meshes: opaque, double-sided materials; cached for the same mesh objects."""
+    """A pyrender scene of the meshes (:func:`_pyrender_mesh`); cached for the same mesh objects."""
     cached = _SCENES.get(key)
     if cached and len(cached[0]) == len(meshes) and all(a is b for a, b in zip(cached[0], meshes)):
         return cached[1]
     pyrender = _pyrender()
     scene = pyrender.Scene(ambient_light=np.full(3, AMBIENT))
     for mesh in meshes:
-        # face colours cannot be smooth-shaded in pyrender; everything else uses vertex normals
-        try:
-            pm = pyrender.Mesh.from_trimesh(mesh, smooth=mesh.visual.kind != "face")
-        except Exception:  # visuals pyrender cannot take (odd materials): the geometry, plain grey
-            pm = pyrender.Mesh.from_trimesh(trimesh.Trimesh(mesh.vertices, mesh.faces, process=False))
-        for prim in pm.primitives:
-            # the caster sees every surface: no transparency, no back-face culling
-            prim.material.alphaMode = "OPAQUE"
-            prim.material.doubleSided = True
-        scene.add(pm)
+        scene.add(_pyrender_mesh(pyrender, mesh))
     _SCENES[key] = (list(meshes), scene)
     return scene
 
@@ -201,22 +283,6 @@ def render_depth(meshes: list[trimesh.Trimesh], camera: Camera) -> np.ndarray:
 # Ray-traced fallback
 
 
-def _sample_bilinear(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
-    """(N, C) samples of an (h, w, C) float32 image at (N, 2) uv (v up, texture repeats), texel centres."""
-    h, w = image.shape[:2]
-    flat = image.reshape(h * w, -1)
-    uv = np.nan_to_num(uv.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    x = uv[:, 0] * w - 0.5
-    y = (1.0 - uv[:, 1]) * h - 0.5
-    x0, y0 = np.floor(x), np.floor(y)
-    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
-    x0, y0 = x0.astype(np.int64) % w, y0.astype(np.int64) % h
-    x1, y1 = (x0 + 1) % w, (y0 + 1) % h
-    top = flat[y0 * w + x0] * (1 - fx) + flat[y0 * w + x1] * fx
-    bottom = flat[y1 * w + x0] * (1 - fx) + flat[y1 * w + x1] * fx
-    return top * (1 - fy) + bottom * fy
-
-
 def _surface_colour(mesh: trimesh.Trimesh, face: np.ndarray, bary: np.ndarray) -> np.ndarray:
     """(N, 3) float RGB in 0..1 of the mesh's surface at (N,) faces and (N, 2) barycentric coordinates."""
     n = len(face)
@@ -233,11 +299,15 @@ def _surface_colour(mesh: trimesh.Trimesh, face: np.ndarray, bary: np.ndarray) -
             image, factor = getattr(material, "image", None), getattr(material, "diffuse", None)
         factor = np.ones(3) if factor is None else np.asarray(factor, dtype=np.float64)[:3] / 255.0
         uv = visual.uv
+        colours = mesh.vertex_attributes.get("color")
+        tint = 1.0 if colours is None or len(colours) != len(mesh.vertices) else np.einsum(
+            "nkc,nk->nc", np.asarray(colours, dtype=np.float64)[tri, :3] / 255.0, w)
         if image is None or uv is None or len(uv) != len(mesh.vertices):
-            return np.broadcast_to(factor, (n, 3)).copy()
+            return np.broadcast_to(factor, (n, 3)) * tint
         texels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
         uv_hit = np.einsum("nkc,nk->nc", np.asarray(uv, dtype=np.float64)[tri], w)
-        return _sample_bilinear(texels, uv_hit) * factor
+        wrap = tuple(mesh.metadata.get("texture_wrap", ("repeat", "repeat")))
+        return sample_bilinear(texels, uv_hit, wrap) * factor * tint
     if kind == "vertex":
         colours = np.asarray(visual.vertex_colors, dtype=np.float64)[:, :3] / 255.0
         return np.einsum("nkc,nk->nc", colours[tri], w)
