@@ -72,9 +72,7 @@ def _renderer(width: int, height: int):
     if key not in _RENDERERS:
         try:
             renderer = pyrender.OffscreenRenderer(width, height)
-            from pyrender.shader_program import ShaderProgramCache
-
-            renderer._renderer._program_cache = ShaderProgramCache(shader_dir=_patched_shaders(pyrender))
+            renderer._renderer._program_cache = _program_cache(pyrender)
             _RENDERERS[key] = renderer
         except Exception as e:
             platform = os.environ.get("PYOPENGL_PLATFORM", "default")
@@ -123,6 +121,29 @@ def _patched_shaders(pyrender) -> str:
     frag.write_text(text)
     _SHADER_DIR.append(folder)
     return folder
+
+
+def _program_cache(pyrender):
+    """A shader program cache over :func:`_patched_shaders`, keyed by shader files and defines only.
+
+    pyrender keys its cache by the GL context object too, which PyOpenGL's OSMesa binding creates anew at
+    every call (equal hashes, unequal objects): every primitive of every render compiled its shaders again
+    and the cache grew without end (a 127-part asset: 2 s a view). One renderer has one context.
+    """
+    from pyrender.shader_program import ShaderProgram, ShaderProgramCache
+
+    class Cache(ShaderProgramCache):
+        def get_program(self, vertex_shader, fragment_shader, geometry_shader=None, defines=None):
+            defines = defines or {}
+            key = (vertex_shader, fragment_shader, geometry_shader, tuple(sorted(defines.items())))
+            if key not in self._program_cache:
+                vs, fs, gs = (os.path.join(self.shader_dir, f) if f else None
+                              for f in (vertex_shader, fragment_shader, geometry_shader))
+                self._program_cache[key] = ShaderProgram(vertex_shader=vs, fragment_shader=fs, geometry_shader=gs,
+                                                         defines=defines)
+            return self._program_cache[key]
+
+    return Cache(shader_dir=_patched_shaders(pyrender))
 
 
 _GL_WRAP = {"repeat": 10497, "mirror": 33648, "clamp": 33071}

@@ -122,8 +122,10 @@ _TEX_KEY = "__wt_texture_{}"
 
 
 def _find_file(name: str, folders: list[Path]) -> Path | None:
-    """``name`` (backslashes as separators, quotes stripped) under the first folder holding it; a
-    case-insensitive match in that folder as a last resort (assets authored on Windows)."""
+    """``name`` (backslashes as separators, quotes stripped) under the first folder holding it; else a
+    case-insensitive match there (assets authored on Windows); else, for a path that does not resolve (an
+    absolute path from the author's machine, ``D:\\models\\car\\tex\\paint.png``), its trailing components
+    (``tex/paint.png``, then ``paint.png``) under the folders and their parents."""
     name = name.strip().strip('"').replace("\\", "/")
     if not name:
         return None
@@ -138,6 +140,12 @@ def _find_file(name: str, folders: list[Path]) -> Path | None:
             for q in p.parent.iterdir():
                 if q.name.lower() == lower and q.is_file():
                     return q
+    parts = [q for q in PurePosixPath(name).parts if q not in ("/", "..", ".") and not q.endswith(":")]
+    for k in range(len(parts) - 1, 0, -1):
+        tail = Path(*parts[-k:])
+        for folder in [f for d in folders for f in (d, d.parent)]:
+            if (folder / tail).is_file():
+                return folder / tail
     return None
 
 

@@ -116,8 +116,8 @@ class _Document:
         while offset + 8 <= end:
             size, kind = struct.unpack_from("<II", data, offset)
             chunk = data[offset + 8: offset + 8 + size]
-            if len(chunk) < size:
-                raise GltfError("cannot load (truncated GLB chunk)")
+            if len(chunk) < size and kind == 0x4E4F534A:
+                raise GltfError("cannot load (truncated GLB JSON chunk)")
             if kind == 0x4E4F534A:  # JSON
                 try:
                     doc = json.loads(chunk.decode("utf-8"))
@@ -507,6 +507,13 @@ def load_gltf(path: str | Path, max_faces: int | None = None) -> GltfScene:
     total = _total(d, placements)
     if max_faces is not None and total > max_faces:
         raise GltfError(f"too many triangles ({total} > cap {max_faces})")
+    try:
+        return _decode(d, placements)
+    except GltfError as e:
+        raise GltfError(str(e) if str(e).startswith("cannot load") else f"cannot load ({e})") from None
+
+
+def _decode(d: _Document, placements) -> GltfScene:
     geoms: dict[tuple[int, int], _Geometry | None] = {}
     materials: dict[int, _Material] = {}
     names, meshes, used = [], [], {}

@@ -311,7 +311,10 @@ class ShardSet(ShardWriter):
 
     @staticmethod
     def _what(part: str) -> str:
-        return f"part {part[2:].replace('of', ' of ').lstrip('0') or '0'}" if part else "the whole dataset"
+        if not part:
+            return "the whole dataset"
+        index, count = part[2:].split("of")
+        return f"part {int(index)} of {int(count)}"
 
     def _running(self, part: str) -> bool:
         """Whether the writer of ``part`` holds its lock (this writer counts as running)."""
