@@ -225,12 +225,12 @@ def test_a_dead_runs_unjournaled_shard_goes_whatever_the_next_split(assets, tmp_
 def test_kills_and_reruns_with_any_workers_and_split_never_lose_or_repeat_a_sample(assets, tmp_path):
     rng = random.Random(13)
     src = tmp_path / "assets"
-    for i in range(3):
+    for i in range(2):
         shutil.copytree(assets, src / f"c{i}", ignore=shutil.ignore_patterns(VICTIM))
     out, cfg = tmp_path / "out", config(tmp_path)
     env = {**os.environ, "PYOPENGL_PLATFORM": os.environ.get("PYOPENGL_PLATFORM", "osmesa")}
     done_before = 0
-    for _ in range(5):
+    for _ in range(4):
         workers, count = rng.choice(["1", "2"]), rng.choice([1, 2, 3])
         index = rng.randrange(count)
         cmd = command(src, out, cfg, "--workers", workers, "--shard-index", str(index), "--num-shards", str(count))
@@ -246,7 +246,7 @@ def test_kills_and_reruns_with_any_workers_and_split_never_lose_or_repeat_a_samp
         done_before = sum(p.read_text().count('"shard"') for p in out.glob("journal*.jsonl"))
         got = keys(out)
         assert len(got) == len(set(got))  # never a sample twice, even between runs
-    count = rng.choice([1, 2, 3])
+    count = rng.choice([1, 2])
     for index in range(count):
         res = run(command(src, out, cfg, "--workers", "2", "--shard-index", str(index), "--num-shards", str(count)))
         assert res.returncode == 0, res.stderr[-2000:]

@@ -194,7 +194,11 @@ class _Pool:
             item = self.items[index]
             self.attempts.started(item.rel_path, w.process.pid)  # journaled before it runs
             w.job = (index, item)
-            w.conn.send(item)
+            try:
+                w.conn.send(item)
+            except OSError:  # it died already (killed from outside): a death under this item
+                w.process.join()
+                self._died(w)
 
     def _wait(self) -> None:
         busy = [w for w in self.workers if w.job is not None]
