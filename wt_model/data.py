@@ -90,9 +90,10 @@ def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
 def decode_sample(sample: dict, image_size: int, num_layers: int) -> dict:
     """One raw WebDataset sample (bytes per file) -> the arrays described in the module docstring.
 
-    Layers beyond ``num_layers`` are dropped and missing ones padded as invalid. Views of another size are
-    resized to ``image_size`` (rgb bilinear; points nearest, because interpolating between layers or across
-    depth edges invents geometry); the caller says so once (``probe_shards``).
+    Layers beyond ``num_layers`` are dropped and missing ones padded as invalid. An RGBA image (transparent
+    background) is composited over black. Views of another size are resized to ``image_size`` (rgb
+    bilinear; points nearest, because interpolating between layers or across depth edges invents geometry);
+    the caller says so once (``probe_shards``).
     """
     where = f"shard {sample.get('__url__', '?')} sample {sample.get('__key__', '?')}"
     try:
@@ -104,6 +105,8 @@ def decode_sample(sample: dict, image_size: int, num_layers: int) -> dict:
         what = str(e) if isinstance(e, SchemaError) else f"{type(e).__name__}: {e}"
         raise DataError(f"{where}: unreadable ({what})") from None
     H, W = depth.shape[1:]
+    if rgb.shape[-1] == 4:  # a transparent background: the colour over black (premultiplied by the coverage)
+        rgb = (rgb[..., :3].astype(np.float32) * (rgb[..., 3:] / np.float32(255.0)) + 0.5).astype(np.uint8)
     if rgb.shape[:2] != (H, W):
         raise DataError(f"{where}: rgb.png is {rgb.shape[1]}x{rgb.shape[0]} but layers.npz is {W}x{H}")
     if (camera.width, camera.height) != (W, H):
