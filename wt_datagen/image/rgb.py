@@ -94,7 +94,10 @@ def _renderer(width: int, height: int):
 
 
 # pyrender's fragment shader, patched: (1) MASK cutouts: a negative base-colour alpha factor -0.5 f / c marks a
-# cutout of factor f and cutoff c, and a fragment is discarded unless texture alpha * f >= c; (2) glTF's
+# cutout of factor f and cutoff c, and a fragment is discarded unless texture alpha * f >= c. A shader holding
+# `discard` loses early depth testing (OSMesa's llvmpipe then shades every fragment, hidden ones too), so the
+# test is compiled only into the programs of MASK primitives, told apart by a second uv set (TEXCOORD_1_LOC,
+# which pyrender defines for primitives with texcoord_1, and which nothing else here sets); (2) glTF's
 # metallic-roughness channels (roughness G, metallic B; pyrender reads R, G); (3) the emissive factor applied
 # once (pyrender multiplies it twice).
 _SHADER_PATCHES = [
@@ -102,10 +105,12 @@ _SHADER_PATCHES = [
 #endif
 """, """    base_color = base_color * srgb_to_linear(texture(material.base_color_texture, uv_0));
 #endif
+#ifdef TEXCOORD_1_LOC
     if (material.base_color_factor.a < 0.0) {  // wt_datagen: alphaMode MASK
         if (base_color.a > -0.5) discard;
         base_color.a = 1.0;
     }
+#endif
 """),
     ("vec2 mr = texture(material.metallic_roughness_texture, uv_0).rg;",
      "vec2 mr = texture(material.metallic_roughness_texture, uv_0).bg;"),
@@ -176,11 +181,14 @@ def _mesh_visuals(pyrender, mesh: trimesh.Trimesh, pm) -> None:
                 if tex is not None:
                     tex.sampler = pyrender.Sampler(magFilter=filters[0], minFilter=filters[1],
                                                    wrapS=_GL_WRAP[wrap[0]], wrapT=_GL_WRAP[wrap[1]])
-        if cutout is not None:
+        if cutout is not None and (cutout.alpha is None or prim.texcoord_0 is None):
+            pm.is_visible = False  # the factor alone is below the cutoff: nothing of it is surface
+        elif cutout is not None:
             factor = np.array(material.baseColorFactor, dtype=np.float32)
             factor[3] = -0.5 * cutout.factor / cutout.cutoff  # the shader's MASK test (see _SHADER_PATCHES)
             material.baseColorFactor = factor
             material.alphaMode = "MASK"
+            prim.texcoord_1 = prim.texcoord_0  # selects the program with the test
         if colours is not None and len(colours) == len(prim.positions):
             prim.color_0 = np.asarray(colours, dtype=np.float32) / 255.0
 
