@@ -12,14 +12,13 @@ import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import trimesh
 
-from tests.waiting import wait_while_running
+from tests.waiting import Killer, wait_while_running
 from wt_datagen.cli import main
 from wt_datagen.pipeline.executors import select_part
 from wt_datagen.pipeline.plan import plan_items
@@ -71,35 +70,6 @@ def check_folder(out: Path) -> dict:
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(p.name for p in out.glob("shard-*")) == sorted(s["name"] for s in manifest["shards"])
     return manifest
-
-
-class Killer(threading.Thread):
-    """SIGKILLs the process named by each new ``start`` record of ``item`` in the folder's journals, ``times``
-    times."""
-
-    def __init__(self, out: Path, item: str, times: int):
-        super().__init__(daemon=True)
-        self.out, self.item, self.times = out, item, times
-        self.killed: list[int] = []
-        self.stop = False
-
-    def run(self) -> None:
-        seen = set()
-        while not self.stop and len(self.killed) < self.times:
-            for journal in self.out.glob("journal*.jsonl"):
-                for line in journal.read_text().splitlines():
-                    try:
-                        rec = json.loads(line)
-                    except ValueError:
-                        continue
-                    if rec.get("start") == self.item and rec["pid"] not in seen:
-                        seen.add(rec["pid"])
-                        try:
-                            os.kill(rec["pid"], signal.SIGKILL)
-                            self.killed.append(rec["pid"])
-                        except ProcessLookupError:
-                            pass
-            time.sleep(0.005)
 
 
 def run(cmd: list[str], killer: Killer | None = None) -> subprocess.CompletedProcess:
