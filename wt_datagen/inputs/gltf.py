@@ -478,12 +478,6 @@ def _texture(d: _Document, index: int) -> tuple[Image.Image | None, tuple[str, s
     return d.image(source), wrap
 
 
-def face_total(path: Path) -> int:
-    """Triangles the file would give (instances counted), read from its JSON without decoding anything."""
-    d = _Document(Path(path))
-    return _total(d, _instances(d))
-
-
 def _total(d: _Document, placements) -> int:
     meshes = d.doc.get("meshes", [])
     per_mesh = {}
