@@ -25,6 +25,7 @@ import trimesh
 
 from ..camera import Camera
 from ..inputs.meshes import MeshError, mesh_problem
+from .cutout import check_cutouts, keep_mask
 from .kernels import mark_candidates, order_layers, pinhole_rays, resolve_crossings
 
 # Near-border margin of the candidate rule (kernels._near_border), relative to the largest coordinate the
@@ -128,11 +129,14 @@ class LayeredRaycaster:
         num_threads: threads for casting, 0 for all cores (use 1 in each of several worker processes).
         keep: optional per-crossing filter (``KeepFn``): crossings it rejects are no surface; they are removed
             before ordering, ``num_hits`` and truncation to K.
+        cutouts: None, or one ``geometry.cutout.Cutout`` (alphaMode MASK) or None per instance: crossings
+            where the surface is cut out are no crossings (``geometry/cutout.py``); applied with ``keep``.
 
     A caster is used by one thread at a time.
     """
 
-    def __init__(self, meshes, backend: str = "embree", num_threads: int = 0, keep: KeepFn | None = None):
+    def __init__(self, meshes, backend: str = "embree", num_threads: int = 0, keep: KeepFn | None = None,
+                 cutouts=None):
         if backend not in ("embree", "open3d"):
             raise ValueError(f"backend: unknown '{backend}', expected 'embree' or 'open3d'")
         self.backend = backend
@@ -140,6 +144,7 @@ class LayeredRaycaster:
         self.keep = keep
         inst = _instances(meshes)
         arrays = [_checked_arrays(name, mesh, T) for name, mesh, T in inst]
+        self.cutouts = check_cutouts(cutouts, [len(f) for _, f in arrays])
         self.instance_names = [name for name, _, _ in inst]
         nv = np.array([len(v) for v, _ in arrays])
         nf = np.array([len(f) for _, f in arrays])
@@ -284,7 +289,8 @@ class LayeredRaycaster:
                 resolve_crossings(i0, i1, off, cnt, cand, near, ptr, rays32, self._tri, self._faces, self._vmerge,
                                   self._star_ptr, self._star_idx, NEAR_MARGIN, corners, res_c, *res, res_nc, res_n,
                                   again)
-                keep = _KEEP_ALL if self.keep is None else self._kept(ptr, i0, i1, res_n, res)
+                filtered = self.keep is not None or self.cutouts is not None
+                keep = self._kept(ptr, i0, i1, res_n, res) if filtered else _KEEP_ALL
                 order_layers(i0, i1, ptr, res_n, *res, keep, out_ray, self._face_inst, self._face_local,
                              self._face_normal, out_rot, K, out["depth"], out["normal"], out["front_facing"],
                              out["face_id"], out["instance_id"], out["bary"], out["num_hits"])
@@ -301,14 +307,20 @@ class LayeredRaycaster:
             rays32, out_ray = rays32[todo], out_ray[todo]
 
     def _kept(self, ptr, i0, i1, res_n, res) -> np.ndarray:
-        """The ``keep`` filter over the resolved crossings of rays [i0, i1), laid out like the scratch arrays."""
+        """The ``keep`` filter and the cutouts over the resolved crossings of rays [i0, i1), laid out like the
+        scratch arrays."""
         res_f, _, res_u, res_v, _ = res
         idx = _slots(ptr[i0:i1] - ptr[i0], res_n[i0:i1])
         f = res_f[idx]
+        inst, local = self._face_inst[f], self._face_local[f]
         bary = np.stack([res_u[idx], res_v[idx]], axis=1).astype(np.float32)
-        mask = np.asarray(self.keep(self._face_inst[f], self._face_local[f], bary))
-        if mask.shape != (len(idx),) or mask.dtype != np.bool_:
-            raise ValueError(f"keep: returned {mask.dtype} {mask.shape}, expected bool ({len(idx)},)")
+        mask = np.ones(len(idx), np.bool_)
+        if self.keep is not None:
+            mask = np.asarray(self.keep(inst, local, bary))
+            if mask.shape != (len(idx),) or mask.dtype != np.bool_:
+                raise ValueError(f"keep: returned {mask.dtype} {mask.shape}, expected bool ({len(idx)},)")
+        if self.cutouts is not None:
+            mask = mask & keep_mask(self.cutouts, inst, local, bary)
         keep = np.zeros(int(ptr[i1] - ptr[i0]), np.bool_)
         keep[idx] = mask
         return keep
