@@ -379,7 +379,12 @@ class _EmbreeEngine:
     """Every candidate face of every ray from our Embree 3 extension (``embree_engine.cpp``), into fixed buffers."""
 
     def __init__(self, verts32: np.ndarray, faces: np.ndarray, num_threads: int = 0):
-        from .embree_engine import Scene
+        try:
+            from .embree_engine import Scene
+        except ImportError as e:
+            raise ImportError(f"backend 'embree': the compiled engine (wt_datagen/geometry/embree_engine.cpp) is not "
+                              f"built or cannot load ({e}); build it with `make install` or `pip install -e .` "
+                              f"(needs Debian libembree-dev and g++)") from e
 
         self._scene = Scene(verts32, faces.astype(np.uint32), num_threads)
 
