@@ -30,8 +30,8 @@ from .kernels import mark_candidates, order_layers, pinhole_rays, resolve_crossi
 
 # Near-border margin of the candidate rule (kernels._near_border), relative to the largest coordinate the
 # engine's float32 test works with: 64 float32 unit roundoffs. Embree's test rounds each of its handful of
-# operations to one unit; tests/test_cast.py checks that every face an engine proposes is either crossed
-# exactly or flagged by this margin, on real meshes at scales 1e-3 to 1e3 and 1e5 units from the origin.
+# operations to one unit (its tilted re-traces move 8); tests/test_cast_real.py checks parity on every ray of
+# real closed meshes at scales 1e-3 to 1e3 and 1e5 units from the origin, which a too-small margin would break.
 NEAR_MARGIN = 64 * 2.0**-24
 CHUNK_RAYS = 1 << 18  # rays per engine call
 CANDIDATE_BUDGET = 1 << 21  # engine candidates held at once (an engine call stops when they fill it)
