@@ -383,8 +383,9 @@ class _EmbreeEngine:
             from .embree_engine import Scene
         except ImportError as e:
             raise ImportError(f"backend 'embree': the compiled engine (wt_datagen/geometry/embree_engine.cpp) is not "
-                              f"built or cannot load ({e}); build it with `make install` or `pip install -e .` "
-                              f"(needs Debian libembree-dev and g++)") from e
+                              f"built or cannot load ({e}); build it with `make install`, `pip install -e .` or, in a "
+                              f"source tree, `python setup.py build_ext --inplace` (needs Debian libembree-dev, g++ "
+                              f"and pybind11)") from e
 
         self._scene = Scene(verts32, faces.astype(np.uint32), num_threads)
 
