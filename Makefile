@@ -2,14 +2,16 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-SYSDEPS := libusb-1.0-0 libgl1 libegl1 libosmesa6
+SYSDEPS := libusb-1.0-0 libgl1 libegl1 libosmesa6 libembree-dev g++ python3-dev libgomp1
 export PYOPENGL_PLATFORM ?= osmesa
 
 .PHONY: install sysdeps test lint bench demo clean
 
 install: $(VENV)/.installed
 
-# open3d needs libusb at import time; pyrender needs OSMesa (CPU) or EGL (GPU) for offscreen rendering.
+# open3d needs libusb at import time; pyrender needs OSMesa (CPU) or EGL (GPU) for offscreen rendering; the
+# caster's engine is a C++ extension around Embree 3 (libembree-dev, g++, and Python's headers to build it);
+# its numba kernels run on OpenMP (libgomp1) beside Embree's TBB.
 sysdeps:
 	@missing=""; for p in $(SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -17,7 +19,7 @@ sysdeps:
 	  else echo "missing system libraries; run: sudo apt-get install -y$$missing"; exit 1; fi; \
 	fi
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml setup.py wt_datagen/geometry/embree_engine.cpp Makefile
 	$(MAKE) sysdeps
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

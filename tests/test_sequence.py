@@ -466,3 +466,74 @@ def test_builtin_sequences_load_and_move(tmp_path):
             assert np.array_equal(a.faces, b.faces)  # one topology: material points can be followed
         moved = max(np.abs(a.vertices - b.vertices).max() for a, b in zip(first, last))
         assert moved > 0.05
+
+
+# ---- tracks where surfaces touch: layer_index follows the caster's own order ------------------------------
+
+def resting_scene() -> list[trimesh.Trimesh]:
+    """A slab (top face at y = 0), a cube resting on it, and one mesh of two boxes touching face to face
+    (plane x = 1) resting on it too: contact planes where an exit and an entry share one depth."""
+    slab = trimesh.creation.box(extents=(4.0, 0.2, 3.0))
+    slab.apply_translation((0.5, -0.1, 0.0))
+    cube = trimesh.creation.box(extents=(0.6, 0.6, 0.6))
+    cube.apply_translation((-0.6, 0.3, -0.4))
+    pair = []
+    for x in (0.5, 1.5):
+        b = trimesh.creation.box(extents=(1.0, 0.5, 0.5))
+        b.apply_translation((x, 0.25, 0.6))
+        pair.append(b)
+    return [slab, cube, trimesh.util.concatenate(pair)]
+
+
+def contact_cameras() -> list[Camera]:
+    top = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], float)  # looking down -y; pixel centres on x, z = k / 8
+    T = np.eye(4)
+    T[:3, :3] = top
+    T[:3, 3] = -top @ np.array([0.25, 3.0, 0.0])
+    K = np.array([[24.0, 0, 24.0], [0, 24.0, 24.0], [0, 0, 1]])
+    return [Camera.look_at((-2.5, 1.8, 2.6), (0.3, 0.0, 0.0), width=RES, height=RES, fov_y_deg=55),
+            Camera.look_at((2.8, 0.9, -2.2), (0.4, 0.2, 0.2), width=RES, height=RES, fov_y_deg=50),
+            Camera(K, T, RES, RES)]
+
+
+def test_layer_index_equals_query_layer_where_surfaces_touch():
+    meshes = resting_scene()
+    caster = LayeredRaycaster(meshes)
+    touching = 0
+    for cam in contact_cameras():
+        hits = caster.cast(cam, 8)
+        assert (hits.num_hits % 2 == 0).all()
+        same_depth = hits.valid[1:] & (hits.depth[1:] == hits.depth[:-1])
+        touching += int(same_depth.sum())
+        queries = pick_queries(hits, 1)
+        world = material_points(meshes, queries)
+        layers = layer_index(caster, cam, world, queries, num_layers=8)
+        bad = np.flatnonzero(layers != queries.layer)
+        assert not len(bad), (len(bad), len(queries), queries.layer[bad[:10]], layers[bad[:10]])
+    assert touching > 200  # the contact planes are seen, hidden layers included
+
+
+def test_tracks_of_a_cube_sliding_on_a_slab(tmp_path):
+    """Through ClipTracker: a rigid scene in resting contact in every frame; at the query frame every track
+    is on its query layer, and on the other frames the hidden ones stay hidden behind the cube's faces."""
+    folder = tmp_path / "slide"
+    folder.mkdir()
+    slab, cube, pair = resting_scene()
+    slab.export(folder / "slab.ply")
+    cube.export(folder / "cube.ply")
+    pair.export(folder / "pair.ply")
+    T = 5
+    poses = []
+    for t in range(T):
+        p = np.eye(4)
+        p[0, 3] = 0.15 * t
+        poses.append(p.tolist())
+    spec = {"fps": 10, "num_frames": T, "objects": [
+        {"name": "slab", "mesh": "slab.ply"}, {"name": "cube", "mesh": "cube.ply", "poses": poses},
+        {"name": "pair", "mesh": "pair.ply"}]}
+    (folder / "scene.json").write_text(json.dumps(spec))
+    seq = only_sequence(tmp_path)
+    cams = [contact_cameras()[0]] * T
+    tr, _ = run_clip(seq, cams, query_frame=2, num_layers=8)
+    assert np.array_equal(tr["layer_index"][2], tr["query_layer"])
+    assert (tr["query_layer"] >= 3).sum() > 20

@@ -1,13 +1,21 @@
 """The layered ray caster: every front-to-back surface crossing of every pixel's ray.
 
-An engine (Open3D's multi-threaded ``list_intersections`` by default, or embreex) proposes candidate
-(ray, face) hits; ``_kernels.resolve_layers`` then decides each candidate exactly and sorts them (its module
-docstring gives the rule that removes duplicate reports at shared edges and keeps grazes even). Geometry is
-held in float32, as the engines hold it, and the exact test runs on those float32 coordinates in float64.
+An engine proposes candidate (ray, face) pairs: by default ``embree_engine`` (our Embree 3 extension: every hit of
+Embree's watertight float32 test in one traversal, nothing filtered), or Open3D's ``list_intersections``.
+The kernels of ``kernels.py`` then decide every candidate exactly in float64 and order the crossings (their
+module docstring gives the rules). Geometry is recentred on its bounding box before it becomes float32, so
+float32 resolves it relative to the scene's size wherever the scene sits; the exact test runs on the very
+float32 vertices and rays the engine traced, read as float64, with a near-border margin relative to the
+magnitudes the engine's float32 arithmetic worked with.
+
+Memory: rays are processed a chunk at a time, and the candidates of a chunk are held in buffers of fixed size
+(the engine stops at the first block of rays that does not fit), so a cast needs the (K, rays) outputs plus
+a constant, however many surfaces a ray crosses.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -17,15 +25,22 @@ import trimesh
 
 from ..camera import Camera
 from ..inputs.meshes import MeshError, mesh_problem
-from .cutout import apply_cutouts, check_cutouts
-from .kernels import count_candidates, pinhole_rays, resolve_layers
+from .cutout import check_cutouts, keep_mask
+from .kernels import mark_candidates, order_layers, pinhole_rays, resolve_crossings
 
-# A hit whose barycentric coordinate is below this is near its triangle's border: the faces around its
-# vertices become candidates too, in case the engine reported a crossing at a shared edge on another face
-# (or dropped it). Float32 engines place hits to about 1e-7; the margin costs little.
-NEAR_BORDER = 1e-4
-CHUNK_RAYS = 1 << 18  # rays per engine call: bounds the memory of the raw hit lists
-MAX_GEOMETRIES = 4096  # engine geometries per scene (see _body_groups)
+# Near-border margin of the candidate rule (kernels._near_border), relative to the largest coordinate the
+# engine's float32 test works with: 64 float32 unit roundoffs. Embree's test rounds each of its handful of
+# operations to one unit (its tilted re-traces move 8); tests/test_cast_real.py checks parity on every ray of
+# real closed meshes at scales 1e-3 to 1e3 and 1e5 units from the origin, which a too-small margin would break.
+NEAR_MARGIN = 64 * 2.0**-24
+CHUNK_RAYS = 1 << 18  # rays per engine call
+CANDIDATE_BUDGET = 1 << 21  # engine candidates held at once (an engine call stops when they fill it)
+SCRATCH_BUDGET = 1 << 21  # candidates tested at once (with the vertex stars of near-border ones)
+MAX_GEOMETRIES = 4096  # Open3D engine geometries per scene (see _body_groups)
+
+# keep(instance_id (n,) int32, face_id (n,) int32, bary (n, 2) float32) -> (n,) bool: crossings it rejects are
+# no surface (an alpha cutout, say), removed before the crossings are ordered, counted and truncated to K.
+KeepFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass
@@ -91,17 +106,14 @@ def _instances(meshes) -> list[tuple[str, trimesh.Trimesh, np.ndarray]]:
 
 
 def _checked_arrays(name: str, mesh: trimesh.Trimesh, transform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """World-space float32 vertices and int64 faces of one instance, or a MeshError saying what is wrong."""
+    """World-space float64 vertices and int64 faces of one instance, or a MeshError saying what is wrong."""
     v = np.asarray(mesh.vertices, dtype=np.float64)
     f = np.asarray(mesh.faces)
     problem = mesh_problem(v, f)
     if problem:
         raise MeshError(f"mesh '{name}': {problem}")
     v = trimesh.transform_points(v, transform) if not np.array_equal(transform, np.eye(4)) else v
-    v32 = v.astype(np.float32)
-    if not np.isfinite(v32).all():
-        raise MeshError(f"mesh '{name}': vertex coordinates overflow float32")
-    return v32, f.astype(np.int64)
+    return v, f.astype(np.int64)
 
 
 class LayeredRaycaster:
@@ -110,14 +122,26 @@ class LayeredRaycaster:
     Args:
         meshes: a trimesh.Trimesh, a list of them (one instance each), or a trimesh.Scene (one instance per
             geometry node, its transform applied).
-        backend: "open3d" (multi-threaded, default) or "embree" (embreex, one thread).
+        backend: "embree" (default: every candidate in one traversal, multi-threaded, memory bounded) or
+            "open3d" (Open3D's ``list_intersections``, a second engine for cross-checks; its own filter drops a
+            hit of one geometry at a bit-identical float32 distance to the previous one, so it can lose a
+            crossing where two faces of one body tie).
         num_threads: threads for casting, 0 for all cores (use 1 in each of several worker processes).
+        keep: optional per-crossing filter (``KeepFn``): crossings it rejects are no surface; they are removed
+            before ordering, ``num_hits`` and truncation to K.
         cutouts: None, or one ``geometry.cutout.Cutout`` (alphaMode MASK) or None per instance: crossings
-            where the surface is cut out are no crossings (``geometry/cutout.py``).
+            where the surface is cut out are no crossings (``geometry/cutout.py``); applied with ``keep``.
+
+    A caster is used by one thread at a time.
     """
 
-    def __init__(self, meshes, backend: str = "open3d", num_threads: int = 0, cutouts=None):
+    def __init__(self, meshes, backend: str = "embree", num_threads: int = 0, keep: KeepFn | None = None,
+                 cutouts=None):
+        if backend not in ("embree", "open3d"):
+            raise ValueError(f"backend: unknown '{backend}', expected 'embree' or 'open3d'")
+        self.backend = backend
         self.num_threads = int(num_threads)
+        self.keep = keep
         inst = _instances(meshes)
         arrays = [_checked_arrays(name, mesh, T) for name, mesh, T in inst]
         self.cutouts = check_cutouts(cutouts, [len(f) for _, f in arrays])
@@ -126,37 +150,42 @@ class LayeredRaycaster:
         nf = np.array([len(f) for _, f in arrays])
         self.vertex_offset = np.concatenate([[0], np.cumsum(nv)])
         self.face_offset = np.concatenate([[0], np.cumsum(nf)])
-        verts32 = np.concatenate([v for v, _ in arrays])
-        self._verts = verts32.astype(np.float64)
+        self._verts = np.concatenate([v for v, _ in arrays])  # float64 world, as given
         self._faces = np.concatenate([f + o for (_, f), o in zip(arrays, self.vertex_offset[:-1])])
+        # Recentre before float32: coordinates then carry float32's relative precision of the scene's size,
+        # wherever the scene sits. + 0.0 turns -0.0 into 0.0, so that equal positions have equal bytes.
+        self.centre = (self._verts.min(axis=0) + self._verts.max(axis=0)) / 2
+        with np.errstate(over="ignore"):
+            verts32 = (self._verts - self.centre).astype(np.float32) + np.float32(0)
+        finite = np.isfinite(verts32).all(axis=1)
+        if not finite.all():
+            bad = int(np.searchsorted(self.vertex_offset, np.argmin(finite), side="right")) - 1
+            raise MeshError(f"mesh '{self.instance_names[bad]}': vertex coordinates overflow float32")
         self._face_inst = np.repeat(np.arange(len(arrays), dtype=np.int32), nf)
         self._face_local = (np.arange(len(self._faces)) - self.face_offset[self._face_inst]).astype(np.int32)
-        self._tri = tri = self._verts[self._faces]
+        # The engines' geometry, and the exact test's: float32 corners in the recentred frame, read as float64.
+        self._tri = tri = verts32.astype(np.float64)[self._faces]
         n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
         norm = np.linalg.norm(n, axis=1, keepdims=True)
         self._face_normal = np.divide(n, norm, out=np.zeros_like(n), where=norm > 0)
-        # Vertex stars over merged positions (split vertices at UV seams, touching instances), for candidates.
-        _, self._vmerge = np.unique(verts32, axis=0, return_inverse=True)
-        self._vmerge = self._vmerge.ravel().astype(np.int64)
+        # Vertex stars over merged positions (split vertices at UV seams, touching bodies and instances).
+        self._vmerge = _merged_positions(verts32)
         corner_vertex = self._vmerge[self._faces].ravel()
         order = np.argsort(corner_vertex, kind="stable")
         self._star_idx = (order // 3).astype(np.int64)
         self._star_ptr = np.concatenate([[0], np.cumsum(np.bincount(corner_vertex, minlength=self._vmerge.max() + 1))])
-        if backend == "open3d":
-            self._engine = _Open3DEngine(verts32, self._faces, self._body_groups(self._vmerge), self.num_threads)
-        elif backend == "embree":
-            self._engine = _EmbreeEngine(verts32, self._faces, self.face_offset)
+        if backend == "embree":
+            self._engine = _EmbreeEngine(verts32, self._faces, self.num_threads)
         else:
-            raise ValueError(f"backend: unknown '{backend}', expected 'open3d' or 'embree'")
-        self.backend = backend
+            self._engine = _Open3DEngine(verts32, self._faces, self._body_groups(self._vmerge), self.num_threads)
 
     def _body_groups(self, vmerge: np.ndarray) -> np.ndarray:
-        """(F,) engine geometry of each face: one per connected body of each instance (merged positions).
+        """(F,) Open3D geometry of each face: one per connected body of each instance (merged positions).
 
         Open3D's hit filter drops a hit of one geometry at a bit-identical distance to the previous one, which
-        loses a crossing where two bodies touch face to face (assemblies, convex decompositions). Faces at one
-        point of a single body share a vertex and are recovered as candidates; separate bodies must be separate
-        geometries. Past MAX_GEOMETRIES bodies, bodies share geometries round-robin.
+        loses a crossing where two bodies touch face to face (assemblies, convex decompositions). Bodies that
+        share no vertex position go to separate geometries; past MAX_GEOMETRIES bodies, they share geometries
+        round-robin.
         """
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
@@ -174,14 +203,17 @@ class LayeredRaycaster:
         """(2, 3) world-space bounding box of all instances."""
         return np.stack([self._verts.min(axis=0), self._verts.max(axis=0)])
 
+    def face_normals(self, instance_id: np.ndarray, face_id: np.ndarray) -> np.ndarray:
+        """(n, 3) float64 unit geometric normals (world) of the faces ``face_id`` of instances ``instance_id``,
+        as the caster holds them (0 for zero-area faces)."""
+        return self._face_normal[self.face_offset[np.asarray(instance_id)] + np.asarray(face_id)]
+
     def cast(self, camera: Camera, num_layers: int) -> Hits:
         """Layered crossings of every pixel's ray, front to back, arrays shaped (K, H, W, ...)."""
-        n = camera.width * camera.height
-        cam_dirs, world_dirs, rays32 = np.empty((n, 3)), np.empty((n, 3)), np.empty((n, 6), np.float32)
-        pinhole_rays(camera.K, camera.rotation, camera.center, camera.width, camera.height,
-                     cam_dirs, world_dirs, rays32)
-        hits = self._cast(camera.center[None], world_dirs, rays32, camera.rotation, num_layers)
         H, W = camera.height, camera.width
+        cam_dirs, rays32 = np.empty((H * W, 3)), np.empty((H * W, 6), np.float32)
+        pinhole_rays(camera.K, camera.rotation, camera.center - self.centre, W, H, cam_dirs, rays32)
+        hits = self._cast(rays32, camera.rotation, num_layers)
         return Hits(**{k: _to_image(v, k, H, W) for k, v in hits.items()},
                     ray_origins=np.zeros((1, 3)), ray_dirs=cam_dirs.reshape(H, W, 3))
 
@@ -189,66 +221,151 @@ class LayeredRaycaster:
         """Layered crossings of arbitrary world rays; ``depth`` is t with point = origin + t * direction.
 
         origins: (N, 3) or (3,) float; directions: (N, 3) float, non-zero (need not be unit). Arrays (K, N, ...).
+        Like pixel rays, each ray is decided as the engine traces it: its origin (relative to ``centre``) and
+        direction rounded to float32, so t holds to float32 precision of the ray given.
         """
         d = np.asarray(directions, dtype=np.float64).reshape(-1, 3)
         o = np.asarray(origins, dtype=np.float64).reshape(-1, 3)
         if len(o) not in (1, len(d)):
             raise ValueError(f"cast_rays: {len(o)} origins for {len(d)} directions")
-        if not (np.isfinite(o).all() and np.isfinite(d).all()) or (np.abs(d).max(axis=1) == 0).any():
-            raise ValueError("cast_rays: origins and directions must be finite and directions non-zero")
         rays32 = np.empty((len(d), 6), np.float32)
-        rays32[:, :3] = o
-        rays32[:, 3:] = d
-        return Hits(**self._cast(o, d, rays32, np.eye(3), num_layers), ray_origins=o, ray_dirs=d)
+        with np.errstate(over="ignore", invalid="ignore"):
+            rays32[:, :3] = o - self.centre
+            rays32[:, 3:] = d
+        if not np.isfinite(rays32).all() or (np.abs(rays32[:, 3:]).max(axis=1, initial=0) == 0).any():
+            raise ValueError("cast_rays: origins and directions must be finite and directions non-zero "
+                             "(in float32)")
+        return Hits(**self._cast(rays32, np.eye(3), num_layers), ray_origins=o, ray_dirs=d)
 
-    def _cast(self, origins, dirs, rays32, out_rot, num_layers: int) -> dict:
-        """Engine hits for ``rays32`` (R, 6) float32, resolved exactly on the float64 rays (origins, dirs);
-        normals rotated by ``out_rot`` into the output frame."""
+    def _cast(self, rays32: np.ndarray, out_rot: np.ndarray, num_layers: int) -> dict:
+        """Layered crossings of ``rays32`` (R, 6) float32 (origin relative to ``centre``, direction), normals
+        rotated by ``out_rot`` into the output frame; arrays (K, R, ...)."""
         if int(num_layers) < 1:
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
-        K, R = int(num_layers), len(dirs)
-        threads = numba.get_num_threads()
-        numba.set_num_threads(self.num_threads or numba.config.NUMBA_NUM_THREADS)
-        try:
-            out = self._cast_chunks(origins, dirs, rays32, out_rot, K, R)
-            # ---- cutouts (alphaMode MASK; geometry/cutout.py): drop cut crossings before num_hits and K ----
-            if self.cutouts is not None:
-                out = apply_cutouts(out, self.cutouts, K, lambda sel, k: self._cast_chunks(
-                    origins if len(origins) == 1 else origins[sel], dirs[sel], rays32[sel], out_rot, k, len(sel)))
-        finally:
-            numba.set_num_threads(threads)
-        out["valid"] = np.arange(K)[:, None] < out["num_hits"][None]
-        return out
-
-    def _cast_chunks(self, origins, dirs, rays32, out_rot, K: int, R: int) -> dict:
+        K, R = int(num_layers), len(rays32)
         ids = np.full((2, K, R), -1, np.int32)  # one fill for both id arrays
         out = {  # invalid slots keep these fill values; the kernel writes valid ones only
             "depth": np.zeros((K, R), np.float32),
             "normal": np.zeros((K, R, 3), np.float32), "front_facing": np.zeros((K, R), np.bool_),
             "face_id": ids[0], "instance_id": ids[1],
-            "bary": np.zeros((K, R, 2), np.float32), "num_hits": np.empty(R, np.int32),
+            "bary": np.zeros((K, R, 2), np.float32), "num_hits": np.zeros(R, np.int32),
         }
-        for s in range(0, R, CHUNK_RAYS):
-            e = min(s + CHUNK_RAYS, R)
-            o = origins if len(origins) == 1 else origins[s:e]
-            splits, geom, prim, uv = self._engine.hits(rays32[s:e])
-            counts = np.empty(e - s, np.int64)
-            eng = self._engine
-            count_candidates(splits, geom, prim, uv, eng.geom_face_offset, eng.geom_faces, self._faces,
-                             self._vmerge, self._star_ptr, NEAR_BORDER, counts)
-            cand_ptr = np.concatenate([[0], np.cumsum(counts)])
-            C = int(cand_ptr[-1])
-            resolve_layers(
-                splits, geom, prim, uv, eng.geom_face_offset, eng.geom_faces, cand_ptr,
-                self._tri, self._faces, self._vmerge, self._star_ptr, self._star_idx,
-                self._face_inst, self._face_local, self._face_normal,
-                o, dirs[s:e], out_rot, NEAR_BORDER, K,
-                np.empty(C, np.int64), np.empty(C, np.float64), np.empty(C, np.float64),
-                np.empty(C, np.float64), np.empty(C, np.bool_),
-                out["depth"][:, s:e], out["normal"][:, s:e], out["front_facing"][:, s:e],
-                out["face_id"][:, s:e], out["instance_id"][:, s:e], out["bary"][:, s:e], out["num_hits"][s:e],
-            )
+        threads = numba.get_num_threads()
+        n_threads = self.num_threads or numba.config.NUMBA_NUM_THREADS
+        numba.set_num_threads(n_threads)
+        try:
+            scratch = _Scratch()
+            s = 0
+            while s < R:
+                e, off, cnt, cand = self._engine.candidates(rays32, s, min(R, s + CHUNK_RAYS), n_threads)
+                self._resolve(rays32[s:e], off[:e - s], cnt[:e - s], cand, np.arange(s, e), scratch, out_rot, K,
+                              out)
+                s = e
+        finally:
+            numba.set_num_threads(threads)
+        out["valid"] = np.arange(K)[:, None] < out["num_hits"][None]
         return out
+
+    def _resolve(self, rays32, off, cnt, cand, out_ray, scratch, out_rot, K, out) -> None:
+        """Exact crossings of ``rays32`` from their proposed faces (ray i's: ``cand[off[i]:off[i] + cnt[i]]``),
+        ordered and truncated into ``out`` at rays ``out_ray``, a run of rays whose candidates fit
+        SCRATCH_BUDGET at a time. Rays along a chain of edges are resolved again with all their candidates as
+        proposals, until no candidate is near its border at a corner whose faces are not in yet."""
+        while len(cnt):
+            n = len(cnt)
+            near = np.empty(int((off + cnt).max(initial=0)), np.uint8)
+            corners = np.empty(3 * len(near), np.int64)
+            counts = np.empty(n, np.int64)
+            mark_candidates(off, cnt, cand, rays32, self._tri, self._faces, self._vmerge, self._star_ptr,
+                            NEAR_MARGIN, near, counts)
+            ptr = np.zeros(n + 1, np.int64)
+            np.cumsum(counts, out=ptr[1:])
+            res_nc, res_n, again = np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.bool_)
+            rounds = []
+            i0 = 0
+            while i0 < n:
+                i1 = min(n, max(i0 + 1, int(np.searchsorted(ptr, ptr[i0] + SCRATCH_BUDGET, side="right")) - 1))
+                res_c, *res = scratch.get(int(ptr[i1] - ptr[i0]))
+                resolve_crossings(i0, i1, off, cnt, cand, near, ptr, rays32, self._tri, self._faces, self._vmerge,
+                                  self._star_ptr, self._star_idx, NEAR_MARGIN, corners, res_c, *res, res_nc, res_n,
+                                  again)
+                filtered = self.keep is not None or self.cutouts is not None
+                keep = self._kept(ptr, i0, i1, res_n, res) if filtered else _KEEP_ALL
+                order_layers(i0, i1, ptr, res_n, *res, keep, out_ray, self._face_inst, self._face_local,
+                             self._face_normal, out_rot, K, out["depth"], out["normal"], out["front_facing"],
+                             out["face_id"], out["instance_id"], out["bary"], out["num_hits"])
+                todo = np.flatnonzero(again[i0:i1]) + i0
+                if len(todo):  # their candidates, to propose in the next round
+                    rounds.append((todo, _gather(res_c, ptr[todo] - ptr[i0], res_nc[todo])))
+                i0 = i1
+            if not rounds:
+                return
+            todo = np.concatenate([t for t, _ in rounds])
+            cand = np.concatenate([c for _, c in rounds])
+            cnt = res_nc[todo]
+            off = np.concatenate([[0], np.cumsum(cnt[:-1], dtype=np.int64)])
+            rays32, out_ray = rays32[todo], out_ray[todo]
+
+    def _kept(self, ptr, i0, i1, res_n, res) -> np.ndarray:
+        """The ``keep`` filter and the cutouts over the resolved crossings of rays [i0, i1), laid out like the
+        scratch arrays."""
+        res_f, _, res_u, res_v, _ = res
+        idx = _slots(ptr[i0:i1] - ptr[i0], res_n[i0:i1])
+        f = res_f[idx]
+        inst, local = self._face_inst[f], self._face_local[f]
+        bary = np.stack([res_u[idx], res_v[idx]], axis=1).astype(np.float32)
+        mask = np.ones(len(idx), np.bool_)
+        if self.keep is not None:
+            mask = np.asarray(self.keep(inst, local, bary))
+            if mask.shape != (len(idx),) or mask.dtype != np.bool_:
+                raise ValueError(f"keep: returned {mask.dtype} {mask.shape}, expected bool ({len(idx)},)")
+        if self.cutouts is not None:
+            mask = mask & keep_mask(self.cutouts, inst, local, bary)
+        keep = np.zeros(int(ptr[i1] - ptr[i0]), np.bool_)
+        keep[idx] = mask
+        return keep
+
+
+_KEEP_ALL = np.zeros(0, np.bool_)  # order_layers: keep every crossing
+
+
+def _slots(start: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Indices start[i], ..., start[i] + n[i] - 1 for every i, in order."""
+    n = n.astype(np.int64)
+    first = np.cumsum(n) - n
+    return np.repeat(start - first, n) + np.arange(int(n.sum()))
+
+
+def _gather(a: np.ndarray, start: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """a[start[0]:start[0] + n[0]], a[start[1]:...], ... concatenated."""
+    return a[_slots(start, n)]
+
+
+class _Scratch:
+    """The arrays one run of rays is resolved in (candidate faces; crossed face, t, u, v, front), grown when a
+    run needs more."""
+
+    def __init__(self):
+        self._arrays: tuple = ()
+
+    def get(self, size: int) -> tuple:
+        if not self._arrays or len(self._arrays[0]) < size:
+            size = max(size, 1)
+            self._arrays = (np.empty(size, np.int32), np.empty(size, np.int32), np.empty(size), np.empty(size),
+                            np.empty(size), np.empty(size, np.bool_))
+        return self._arrays
+
+
+def _merged_positions(v: np.ndarray) -> np.ndarray:
+    """(V,) int64 id of each float32 vertex's position: equal ids for bit-identical positions, numbered in
+    sorted order (0.0 and -0.0 must have been made equal before)."""
+    bits = v.view(np.uint32)
+    order = np.lexsort((bits[:, 2], bits[:, 1], bits[:, 0]))
+    new = np.ones(len(v), bool)
+    new[1:] = (bits[order[1:]] != bits[order[:-1]]).any(axis=1)
+    ids = np.empty(len(v), np.int64)
+    ids[order] = np.cumsum(new) - 1
+    return ids
 
 
 def _to_image(a: np.ndarray, key: str, H: int, W: int) -> np.ndarray:
@@ -258,79 +375,61 @@ def _to_image(a: np.ndarray, key: str, H: int, W: int) -> np.ndarray:
     return a.reshape((a.shape[0], H, W) + a.shape[2:])
 
 
+class _EmbreeEngine:
+    """Every candidate face of every ray from our Embree 3 extension (``embree_engine.cpp``), into fixed buffers."""
+
+    def __init__(self, verts32: np.ndarray, faces: np.ndarray, num_threads: int = 0):
+        try:
+            from .embree_engine import Scene
+        except ImportError as e:
+            raise ImportError(f"backend 'embree': the compiled engine (wt_datagen/geometry/embree_engine.cpp) is not "
+                              f"built or cannot load ({e}); build it with `make install`, `pip install -e .` or, in a "
+                              f"source tree, `python setup.py build_ext --inplace` (needs Debian libembree-dev, g++ "
+                              f"and pybind11)") from e
+
+        self._scene = Scene(verts32, faces.astype(np.uint32), num_threads)
+
+    def candidates(self, rays32: np.ndarray, start: int, stop: int, num_threads: int):
+        """(end, off, cnt, faces): rays [start, end) of [start, stop) are done; ray start + i's candidate faces
+        are ``faces[off[i]:off[i] + cnt[i]]``, int32 global face ids."""
+        off, cnt = np.empty(stop - start, np.int64), np.empty(stop - start, np.int32)
+        faces = np.empty(CANDIDATE_BUDGET, np.int32)
+        while True:
+            end, need = self._scene.candidates(rays32, start, stop, off, cnt, faces, num_threads)
+            if end > start:
+                return end, off, cnt, faces
+            faces = np.empty(max(need, 2 * len(faces)), np.int32)  # one block of rays needs more than the budget
+
+
 class _Open3DEngine:
     """All hits per ray from Open3D's ``list_intersections``; faces are split into geometries by ``group``."""
+
+    CHUNK = 1 << 16  # rays per call: Open3D lists every hit of its rays at once
 
     def __init__(self, verts32: np.ndarray, faces: np.ndarray, group: np.ndarray, num_threads: int = 0):
         import open3d as o3d
 
         self._o3c = o3d.core
-        self.num_threads = num_threads
         self._scene = o3d.t.geometry.RaycastingScene()
         # geom_faces[geom_face_offset[g] + prim] is the global face of primitive prim of geometry g.
-        self.geom_faces = np.argsort(group, kind="stable")
+        self._geom_faces = np.argsort(group, kind="stable").astype(np.int32)
         counts = np.bincount(group)
         starts = np.concatenate([[0], np.cumsum(counts)])
-        self.geom_face_offset = np.zeros(len(counts), np.int64)
+        self._geom_face_offset = np.zeros(len(counts), np.int64)
         for g in np.flatnonzero(counts):
-            gf = faces[self.geom_faces[starts[g]:starts[g + 1]]]
+            gf = faces[self._geom_faces[starts[g]:starts[g + 1]]]
             used, local = np.unique(gf, return_inverse=True)
             gid = self._scene.add_triangles(o3d.core.Tensor(verts32[used]),
                                             o3d.core.Tensor(local.reshape(-1, 3).astype(np.uint32)))
-            if gid >= len(self.geom_face_offset):
-                self.geom_face_offset = np.resize(self.geom_face_offset, gid + 1)
-            self.geom_face_offset[gid] = starts[g]
+            if gid >= len(self._geom_face_offset):
+                self._geom_face_offset = np.resize(self._geom_face_offset, gid + 1)
+            self._geom_face_offset[gid] = starts[g]
 
-    def hits(self, rays32: np.ndarray):
-        """CSR ray splits (R+1,), geometry and primitive ids (M,), all uint32, barycentrics (M, 2) float32."""
-        res = self._scene.list_intersections(self._o3c.Tensor(rays32), nthreads=self.num_threads)
-        return (res["ray_splits"].numpy(), res["geometry_ids"].numpy(), res["primitive_ids"].numpy(),
-                res["primitive_uvs"].numpy())
-
-
-class _EmbreeEngine:
-    """All hits per ray from embreex, which returns the first hit only: rays are re-cast from just past each
-    hit, 1e-6 of the scene's size on, so surfaces closer together than that along a ray may be reported as
-    one. Each instance is its own embree scene, so instances touching face to face keep both crossings
-    (bodies touching inside one instance do not: use the Open3D engine for those). The exact resolution
-    afterwards is shared with the Open3D engine."""
-
-    MAX_ROUNDS = 100_000
-
-    def __init__(self, verts32: np.ndarray, faces: np.ndarray, face_offset: np.ndarray):
-        from embreex import rtcore_scene
-        from embreex.mesh_construction import TriangleMesh
-
-        self._scenes = []
-        for s, e in zip(face_offset[:-1], face_offset[1:]):
-            scene = rtcore_scene.EmbreeScene()
-            TriangleMesh(scene, verts32[faces[s:e]])
-            self._scenes.append(scene)
-        self.geom_face_offset = face_offset[:-1].astype(np.int64)  # geometry g = instance g, faces in order
-        self.geom_faces = np.arange(len(faces))
-        self._step = 1e-6 * float(np.linalg.norm(verts32.max(0).astype(np.float64) - verts32.min(0)))
-
-    def hits(self, rays32: np.ndarray):
-        R = len(rays32)
-        origins, dirs = rays32[:, :3].astype(np.float64), rays32[:, 3:].astype(np.float64)
-        unit = np.linalg.norm(dirs, axis=1)
-        rid, geom, prim, uv = [], [], [], []
-        for g, scene in enumerate(self._scenes):
-            org = origins.copy()
-            active = np.arange(R)
-            for _ in range(self.MAX_ROUNDS):
-                if not len(active):
-                    break
-                res = scene.run(org[active].astype(np.float32), dirs[active].astype(np.float32), output=1)
-                hit = res["primID"] >= 0
-                active = active[hit]
-                rid.append(active)
-                geom.append(np.full(len(active), g, np.uint32))
-                prim.append(res["primID"][hit].astype(np.uint32))
-                uv.append(np.stack([res["u"][hit], res["v"][hit]], axis=1).astype(np.float32))
-                t = res["tfar"][hit].astype(np.float64) + self._step / unit[active]
-                org[active] += t[:, None] * dirs[active]
-        rid = np.concatenate(rid)
-        order = np.argsort(rid, kind="stable")
-        splits = np.concatenate([[0], np.cumsum(np.bincount(rid, minlength=R))]).astype(np.uint32)
-        return splits, np.concatenate(geom)[order], np.concatenate(prim)[order], np.concatenate(uv)[order]
+    def candidates(self, rays32: np.ndarray, start: int, stop: int, num_threads: int):
+        """As ``_EmbreeEngine.candidates``, a fixed number of rays at a time."""
+        end = min(stop, start + self.CHUNK)
+        res = self._scene.list_intersections(self._o3c.Tensor(rays32[start:end]), nthreads=num_threads)
+        splits = res["ray_splits"].numpy().astype(np.int64)
+        geom, prim = res["geometry_ids"].numpy(), res["primitive_ids"].numpy()
+        faces = self._geom_faces[self._geom_face_offset[geom] + prim]
+        return end, splits[:-1], np.diff(splits).astype(np.int32), faces

@@ -8,21 +8,19 @@ or equal to the cutoff is fully opaque"). The caster's face ids and barycentrics
 the decision is exact up to float32 barycentrics. The image (``wt_datagen.image.rgb``) takes the same
 :class:`Cutout` for pyrender's material, so layers and image agree.
 
-The caster applies :func:`apply_cutouts` to its resolved crossings before numbering them: cut crossings are
-removed, the others keep their order, ``num_hits`` counts the kept ones and truncation to K comes last, so
-the result is what a scene without the cut parts of those surfaces would give.
+The caster applies :func:`keep_mask` to its resolved crossings before ordering them (its ``keep`` hook): cut
+crossings are removed, ``num_hits`` counts the kept ones and truncation to K comes last, so the result is
+what a scene without the cut parts of those surfaces would give.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import trimesh
 
 WRAPS = ("repeat", "mirror", "clamp")
-_MAX_SLOTS = 1 << 22  # (layers x rays) re-resolved at once for rays with crossings beyond K
 
 
 @dataclass
@@ -142,62 +140,3 @@ def check_cutouts(cutouts: list[Cutout | None], face_counts: list[int]) -> list[
         if c is not None and tuple(c.wrap) and not set(c.wrap) <= set(WRAPS):
             raise ValueError(f"cutouts[{i}]: wrap {c.wrap} not in {WRAPS}")
     return cutouts if any(c is not None for c in cutouts) else None
-
-
-_FIELDS = ("depth", "normal", "front_facing", "face_id", "instance_id", "bary")
-_FILL = {"face_id": -1, "instance_id": -1}
-
-
-def apply_cutouts(out: dict, cutouts: list[Cutout | None], K: int,
-                  recast: Callable[[np.ndarray, int], dict]) -> dict:
-    """Remove cut crossings from the caster's resolved layers ``out`` (arrays (K, R, ...) and num_hits (R,)).
-
-    Rays whose crossings all fit in K are filtered in place; rays with more (``num_hits > K``) are resolved
-    again through ``recast(ray indices, layers)`` with room for every crossing, filtered, and truncated to K.
-    ``num_hits`` becomes the number of kept crossings. Returns ``out``.
-    """
-    num = out["num_hits"]
-    has_cut = np.isin(out["instance_id"], np.flatnonzero([c is not None for c in cutouts])).any(axis=0)
-    _filter(out, np.flatnonzero(has_cut & (num <= K)), cutouts, K, out)
-    deep = np.flatnonzero(num > K)
-    if len(deep):
-        order = deep[np.argsort(num[deep], kind="stable")]  # similar depths batch together
-        start = 0
-        while start < len(order):
-            k_all = int(num[order[start]])
-            stop = start + 1
-            while stop < len(order) and int(num[order[stop]]) * (stop + 1 - start) <= _MAX_SLOTS:
-                k_all = int(num[order[stop]])
-                stop += 1
-            sel = order[start:stop]
-            full = recast(sel, k_all)
-            _filter(full, np.arange(len(sel)), cutouts, K, out, target=sel)
-            start = stop
-    return out
-
-
-def _filter(src: dict, rays: np.ndarray, cutouts, K: int, dst: dict, target: np.ndarray | None = None) -> None:
-    """Keep the surface crossings of ``src`` rays ``rays`` (all of them resolved in ``src``), first K into
-    ``dst`` rays ``target`` (default: the same indices)."""
-    if not len(rays):
-        return
-    target = rays if target is None else target
-    n = src["num_hits"][rays]
-    Ks = src["depth"].shape[0]
-    slots = np.arange(Ks)[:, None] < n[None]  # (Ks, m) resolved crossings
-    inst, face = src["instance_id"][:, rays], src["face_id"][:, rays]
-    keep = np.zeros_like(slots)
-    keep[slots] = keep_mask(cutouts, inst[slots], face[slots], src["bary"][:, rays][slots])
-    order = np.argsort(~keep, axis=0, kind="stable")[:K]  # kept crossings first, in their order
-    count = keep.sum(axis=0)
-    valid = np.arange(order.shape[0])[:, None] < count[None]
-    for name in _FIELDS:
-        a = src[name][:, rays]
-        idx = order.reshape(order.shape + (1,) * (a.ndim - 2))
-        taken = np.take_along_axis(a, idx, axis=0)
-        fill = _FILL.get(name, 0)
-        taken[~valid] = fill
-        block = np.full((K,) + a.shape[1:], fill, dtype=a.dtype)
-        block[: taken.shape[0]] = taken
-        dst[name][:, target] = block
-    dst["num_hits"][target] = count

@@ -26,10 +26,11 @@ from ..schema import cameras_record, track_coverage, track_displacement
 from .cast import Hits, LayeredRaycaster
 from .motion import DYNAMIC_RTOL, crossing_motion, scene_size, vertex_points
 
-# Crossings within this fraction of the point's own distance count as the point itself: a neighbouring face
-# sharing the point's edge is hit at the same t up to the float32 rounding of t (6e-8); surfaces further
-# apart than this (a 0.2 mm plate seen from 2 m is 1e-4) stay separate crossings.
-_SAME_HIT_RTOL = 1e-6
+# When a point lies on an edge of its own face, the segment to it may cross the neighbour across that edge
+# instead (the exact test gives an edge to one face): the crossing of the same instance, facing the same
+# way, within this fraction of the point's distance then stands in for the point. It only identifies the
+# point's crossing; the order of crossings is the caster's (kernels._before), nothing else.
+_STAND_IN_RTOL = 1e-4
 # Memory estimate of a frame kept for back-filling: the caster's arrays and engine per face, the vertices.
 _KEPT_BYTES_PER_FACE, _KEPT_BYTES_PER_VERTEX = 256, 24
 BACKFILL_BYTES = 512 << 20
@@ -150,9 +151,12 @@ def layer_index(raycaster: LayeredRaycaster, camera: Camera, world_xyz: np.ndarr
     """(N,) int8 layer each point occupies in this frame's layered pointmap.
 
     0 visible, k > 0 behind k surface crossings, -1 outside the image or not in front of the camera. The
-    crossings are cast along the segment from the camera centre to the point (t = 1 at the point); the
-    point's own face, and crossings at the point's own t (an edge shared with a neighbour), do not count.
-    Rays whose crossings were truncated before reaching the point are cast again with every layer.
+    segment from the camera centre to the point (t = 1 at the point) is cast, and the point's layer is the
+    place of its own crossing (its face, or a stand-in, see ``_STAND_IN_RTOL``) among the segment's
+    crossings in the caster's own order: the rule that orders the layers (equal float32 depth: exits before
+    entries, then face) is the rule that places the point, so a point on a face touching another sits where
+    the layers put it. Rays whose crossings were truncated before the point's own are cast again with every
+    layer.
     """
     cam_xyz = camera.world_to_camera(world_xyz)
     uv = camera.project(cam_xyz)
@@ -165,25 +169,32 @@ def layer_index(raycaster: LayeredRaycaster, camera: Camera, world_xyz: np.ndarr
         return out
     origins = np.broadcast_to(camera.center, (len(idx), 3)).astype(np.float64)
     directions = world_xyz[idx] - camera.center
+    instance, face = queries.instance[idx], queries.face[idx]
+    normals = raycaster.face_normals(instance, face)
+    front = np.einsum("nd,nd->n", normals, directions) < 0  # how the point's own face meets the segment
     hits = raycaster.cast_rays(origins, directions, num_layers=num_layers)
-    counts, truncated = _count_before(hits, queries.instance[idx], queries.face[idx])
-    if truncated.any():
-        sub = np.nonzero(truncated)[0]
-        again = raycaster.cast_rays(origins[sub], directions[sub], num_layers=int(hits.num_hits[sub].max()))
-        counts[sub] = _count_before(again, queries.instance[idx][sub], queries.face[idx][sub])[0]
-    out[idx] = np.minimum(counts, np.iinfo(np.int8).max)
+    layers, own = _own_layer(hits, instance, face, front)
+    again = np.nonzero(~own & (hits.num_hits > hits.num_layers))[0]
+    if len(again):
+        more = raycaster.cast_rays(origins[again], directions[again], num_layers=int(hits.num_hits[again].max()))
+        layers[again] = _own_layer(more, instance[again], face[again], front[again])[0]
+    out[idx] = np.minimum(layers, np.iinfo(np.int8).max)
     return out
 
 
-def _count_before(hits: Hits, instance: np.ndarray, face: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Crossings before each ray's own point (t = 1, or the own face's t when it was hit), and whether the
-    count may be incomplete (more hits than layers, the last one returned still before the point)."""
+def _own_layer(hits: Hits, instance: np.ndarray, face: np.ndarray, front: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Layer of each ray's own crossing (t = 1 at the point), and whether that was its own face's crossing.
+
+    Without the own face among the layers: a stand-in (same instance and facing, nearest t = 1 within
+    ``_STAND_IN_RTOL``), else the number of crossings before t = 1."""
     t = hits.depth.astype(np.float64)  # (L, n) ray parameters
     own = hits.valid & (hits.instance_id == instance) & (hits.face_id == face)
-    t_own = np.where(own.any(0), np.where(own, t, np.inf).min(0), 1.0)
-    before = hits.valid & ~own & (t < t_own * (1.0 - _SAME_HIT_RTOL))
-    truncated = (hits.num_hits > len(t)) & before[-1]
-    return before.sum(0), truncated
+    gap = np.where(hits.valid & (hits.instance_id == instance) & (hits.front_facing == front), np.abs(t - 1.0),
+                   np.inf)
+    stand_in = gap.min(0) <= _STAND_IN_RTOL
+    before = (hits.valid & (t < 1.0)).sum(0)
+    layer = np.where(own.any(0), own.argmax(0), np.where(stand_in, gap.argmin(0), before))
+    return layer, own.any(0)
 
 
 @dataclass

@@ -164,7 +164,7 @@ class RenderConfig:
     seed: int = 0
     workers: int = 1
     max_crashes: int = 2
-    backend: Literal["open3d", "embree"] = "open3d"
+    backend: Literal["embree", "open3d"] = "embree"
     cameras: CameraConfig = field(default_factory=CameraConfig)
     assets: AssetConfig = field(default_factory=AssetConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
