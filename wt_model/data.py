@@ -87,8 +87,22 @@ def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
 
 
-def decode_sample(sample: dict, image_size: int, num_layers: int) -> dict:
-    """One raw WebDataset sample (bytes per file) -> the arrays described in the module docstring.
+@dataclass
+class View:
+    """One decoded view at the model's resolution, before normalisation (scene units, camera space).
+
+    rgb (S,S,3) uint8; xyz (K,S,S,3) float64 points (0 where invalid); valid (K,S,S) bool; rays (S,S,3) pixel
+    rays with z = 1; camera the view's ``Camera`` with intrinsics rescaled to S x S (pixel centres kept)."""
+
+    rgb: np.ndarray
+    xyz: np.ndarray
+    valid: np.ndarray
+    rays: np.ndarray
+    camera: Camera
+
+
+def decode_view(sample: dict, image_size: int, num_layers: int) -> View:
+    """One raw WebDataset sample (bytes per file) -> a :class:`View`.
 
     Layers beyond ``num_layers`` are dropped and missing ones padded as invalid. Views of another size are
     resized to ``image_size`` (rgb bilinear; points nearest, because interpolating between layers or across
@@ -118,14 +132,33 @@ def decode_sample(sample: dict, image_size: int, num_layers: int) -> dict:
         iy, ix = _nearest_index(H, image_size), _nearest_index(W, image_size)
         xyz, valid, rays = xyz[:, iy][:, :, ix], valid[:, iy][:, :, ix], rays[iy][:, ix]
         rgb = resize_rgb(rgb, image_size)
-    scale = float(np.median(xyz[0, ..., 2][valid[0]])) if valid[0].any() else 1.0
-    points = normalise(fill_missing(xyz, valid, rays, scale), scale)  # (K,H,W,3)
+        camera = Camera(np.diag([image_size / W, image_size / H, 1.0]) @ camera.K, camera.world_to_cam,
+                        image_size, image_size)
+    return View(rgb, xyz, valid.astype(bool), rays, camera)
+
+
+def median_depth(views: list[View]) -> float:
+    """The normalisation scale: the median layer-0 depth over the views' valid pixels (1 if none)."""
+    z = np.concatenate([v.xyz[0, ..., 2][v.valid[0]] for v in views])
+    return float(np.median(z)) if len(z) else 1.0
+
+
+def view_arrays(view: View, scale: float) -> dict:
+    """A view as training arrays (module docstring), normalised by ``scale``."""
+    points = normalise(fill_missing(view.xyz, view.valid, view.rays, scale), scale)  # (K,H,W,3)
     return {
-        "rgb": (rgb.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1),
+        "rgb": (view.rgb.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1),
         "points": points.astype(np.float32).transpose(0, 3, 1, 2),
-        "valid": valid.astype(bool),
+        "valid": view.valid,
         "scale": np.array(scale, dtype=np.float32),
     }
+
+
+def decode_sample(sample: dict, image_size: int, num_layers: int) -> dict:
+    """One raw WebDataset sample -> the arrays described in the module docstring, normalised by the view's
+    own median visible depth (see :func:`decode_view` for resizing and layer counts)."""
+    view = decode_view(sample, image_size, num_layers)
+    return view_arrays(view, median_depth([view]))
 
 
 def has_layers(sample: dict) -> bool:
