@@ -6,6 +6,7 @@ point's own face, slab test for an axis-aligned box), and trimesh's own barycent
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -391,6 +392,11 @@ def test_render_cli_writes_frames_and_tracks(tmp_path, capsys):
     assert main(["render", str(assets), "--config", str(config), "--out", str(out)]) == 0
     printed = capsys.readouterr()
     assert "missing frames 1" in printed.out + printed.err
+    # progress off a terminal: plain lines, no carriage returns, in views whose total is known at planning:
+    # 2 static views + 2 sequences x 2 clips x 4 frames + the skipped gap folder's 2 x 2 planned frames
+    progress = re.findall(r"render: (\d+)/(\d+) view", printed.err)
+    assert "\r" not in printed.err and progress and all(int(t) == 22 for _, t in progress)
+    assert progress[-1] == ("22", "22")
 
     shards = sorted(map(str, out.glob("*.tar")))
     samples = {s["__key__"]: s for s in wds.WebDataset(shards, shardshuffle=False).decode()}

@@ -6,10 +6,9 @@ and ``run(args) -> int`` (the exit code).
 
 from __future__ import annotations
 
-import importlib
 import sys
 
-from .console import build_parser
+from .console import run_command
 
 COMMANDS = {
     "make-assets": ("wt_datagen.inputs.builtin", "write the built-in procedural assets to a folder"),
@@ -19,8 +18,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser("wt-datagen", __doc__.splitlines()[0], COMMANDS).parse_args(argv)
-    return int(importlib.import_module(args._module).run(args))
+    return run_command("wt-datagen", __doc__.splitlines()[0], COMMANDS, argv)
 
 
 if __name__ == "__main__":
