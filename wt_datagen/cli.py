@@ -13,7 +13,9 @@ from .console import run_command
 COMMANDS = {
     "make-assets": ("wt_datagen.inputs.builtin", "write the built-in procedural assets to a folder"),
     "render": ("wt_datagen.pipeline.render", "render an asset folder into sharded WebDataset layered targets"),
-    "inspect": ("wt_datagen.inspect.cli", "summarise, validate, picture and export shards"),
+    "inspect": ("wt_datagen.inspect.cli", "summarise, validate, picture, export and view (Rerun) shards"),
+    "export-tracks": ("wt_datagen.inspect.export_tracks",
+                      "write clips' tracks as TAPVid-3D or PointOdyssey files for 3D point trackers"),
 }
 
 

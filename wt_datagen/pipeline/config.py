@@ -93,8 +93,12 @@ class SequenceConfig:
     ``frame_stride`` frames. ``trajectory``: ``static``, ``orbit``, ``dolly`` (straight line, looking at the
     centre), ``random`` (smooth path), or ``mixed`` (one of these per clip). Distances are in units of the
     sequence's bounding-sphere radius over all frames; ``orbit_deg`` the azimuth swept over a clip,
-    ``dolly_factor`` end / start distance. Tracks start from the layered hits of clip frame ``query_frame``
-    every ``query_stride`` pixels; ``fps`` times mesh sequences (a scene.json gives its own).
+    ``dolly_factor`` end / start distance. Tracks are seeded on the layered hits of clip frame
+    ``query_frame`` every ``query_stride`` pixels, then every ``query_every`` frames (0: that frame only)
+    wherever no track of the layer lands within half a stride; ``dynamic_rtol`` times the scene size is the
+    motion above which a point is dynamic; ``scene_flow`` stores every crossing's next-frame position;
+    ``backfill_memory_mb`` bounds the earlier frames' casters kept to fill tracks seeded later (speed only);
+    ``fps`` times mesh sequences (a scene.json gives its own).
     """
 
     clips: int = 1
@@ -110,6 +114,10 @@ class SequenceConfig:
     random_keypoints: int = 4
     query_stride: int = 8
     query_frame: int = 0
+    query_every: int = 1
+    dynamic_rtol: float = 1e-5
+    scene_flow: bool = False
+    backfill_memory_mb: int = 512
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,7 @@ class RenderConfig:
         """16 hex digits over every setting that changes the samples (all but ``workers``)."""
         d = self.to_dict()
         d.pop("workers")
+        d["sequences"].pop("backfill_memory_mb")  # how fast, not what
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -243,9 +252,11 @@ def _check_values(cfg: RenderConfig, path: Path) -> None:
     # sequences
     q = cfg.sequences
     for key, low in (("clips", 1), ("frame_stride", 1), ("query_stride", 1), ("random_keypoints", 2),
-                     ("clip_length", 0), ("query_frame", 0)):
+                     ("clip_length", 0), ("query_frame", 0), ("query_every", 0), ("backfill_memory_mb", 0)):
         need(getattr(q, key) >= low, f"sequences.{key}", f"must be at least {low}", getattr(q, key))
     need(q.fps > 0, "sequences.fps", "must be positive", q.fps)
+    need(0 < q.dynamic_rtol < 1, "sequences.dynamic_rtol", "must lie in (0, 1) (a fraction of the scene size)",
+         q.dynamic_rtol)
     for key in ("distance", "elevation_deg", "fov_deg", "orbit_deg", "dolly_factor"):
         a, b = getattr(q, key)
         need(a <= b, f"sequences.{key}", "must be [low, high] with low <= high", [a, b])
