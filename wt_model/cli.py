@@ -1,7 +1,8 @@
 """`wt-model`: train, sample and evaluate WT-DiT models (thin dispatch, like `wt-datagen`).
 
 Each subcommand lives in the module that does the work; that module exposes ``add_arguments(parser)`` and
-``run(args) -> int``. Bad input (data, images, checkpoints) ends with one line on stderr and exit code 2.
+``run(args) -> int``. Bad input (data, images, checkpoints, encoder weights, options) ends with one line on
+stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -12,19 +13,23 @@ import sys
 from wt_datagen.console import build_parser
 from wt_model.checkpoint import CheckpointError
 from wt_model.data import DataError
+from wt_model.encoder import EncoderError
 
 COMMANDS = {
     "train": ("wt_model.train", "train a WT-DiT on layered shards (also under torchrun)"),
     "sample": ("wt_model.sampler", "sample layered pointmaps from images: npz + PLY"),
     "eval": ("wt_model.metrics", "score a checkpoint on shards (scale-aligned depth, Chamfer, F-score, IoU)"),
+    "stats": ("wt_model.stats", "dataset statistics (per-axis mean, std of the points) for --norm zscore"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser("wt-model", __doc__.splitlines()[0], COMMANDS).parse_args(argv)
+    from wt_model.train import TrainError
+
     try:
         return int(importlib.import_module(args._module).run(args))
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, EncoderError, TrainError) as e:
         # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last line.
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         print(f"wt-model {args.command}: error: {lines[-1].split(': ', 1)[-1] if len(lines) > 1 else lines[0]}",
