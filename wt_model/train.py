@@ -331,7 +331,10 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
                 writer.add_scalar(f"val/{name}", v, step)
         text = (f"eval step {step}: val loss {row[1]:.4f}, chamfer {m.chamfer_all:.4f}, fscore "
                 f"{m.fscore_all:.3f}, iou {m.iou:.3f}, abs_rel {m.abs_rel:.4f} ({m.views} held-out views)")
-        progress.write(text) if progress is not None else say(text)
+        if progress is not None:
+            progress.write(text)
+        else:
+            say(text)
 
     # ------------------------------------------------------------------ training loop
     def micro_batches(micro: int):
