@@ -38,10 +38,18 @@ test: install lint
 bench: install
 	$(BIN)/python -m tests.bench
 
+# Two views and a clip of the demo shards, pictured as contact sheets and (rerun-sdk installed) logged to Rerun.
+DEMO_SHOW := box_in_box__box_in_box_glb_v0000 mug__mug_obj_v0001 wobble_c000_tracks
+
 demo: install
 	$(BIN)/wt-datagen make-assets demo/assets --sequences
 	$(BIN)/wt-datagen render demo/assets --config render_configs/debug.yaml --out demo/shards
 	$(BIN)/wt-datagen inspect demo/shards --validate
+	@rrd=""; if $(BIN)/python -c "import rerun" 2>/dev/null; then rrd="--rerun demo/demo.rrd"; \
+	else echo "rerun-sdk not installed: no demo/demo.rrd (pip install 'world-tracing[rerun]')"; fi; \
+	$(BIN)/wt-datagen inspect demo/shards --show $(DEMO_SHOW) --out demo/sheets $$rrd >/dev/null && \
+	echo "open: $(DEMO_SHOW:%=demo/sheets/%.png)" && \
+	if [ -n "$$rrd" ]; then echo "open: rerun demo/demo.rrd   (the same samples in 3D; scrub the frame timeline)"; fi
 
 clean:
 	rm -rf $(VENV) demo

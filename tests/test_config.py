@@ -51,6 +51,9 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("resolution: 0\n", "'resolution'"),
         ("shards:\n  max_samples: 0\n", "'shards.max_samples'"),
         ("encoding:\n  npz_level: 4\n", "'encoding.npz_level'"),
+        ("sequences:\n  query_every: -1\n", "'sequences.query_every'"),
+        ("sequences:\n  dynamic_rtol: 0\n", "'sequences.dynamic_rtol'"),
+        ("sequences:\n  scene_flow: 1\n", "'sequences.scene_flow'"),
     ],
 )
 def test_bad_key_or_type_names_key_and_file(tmp_path, text, key):

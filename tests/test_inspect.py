@@ -310,38 +310,92 @@ def clip(data):
         for a in np.linspace(0, 0.6, T)
     ]
     clip = Clip("nested", 0, np.arange(T), np.arange(T) / 24.0, cams, "orbit")
-    tracker = ClipTracker(scene, clip, num_layers=K, query_stride=4)
+    tracker = ClipTracker(scene, clip, num_layers=K, query_stride=4, scene_flow=True)
     frames = [f for f in tracker.frames()]
     tracks = tracker.arrays()
+    clip_meta = {"sequence_id": "nested", "clip_index": 0, "query_stride": 4, "num_layers": K,
+                 "dynamic_tolerance": tracker.tolerance}
     files = {
         "__key__": "nested_c0000_tracks",
         "tracks.npz": encode_npz(tracks),
         "cameras.json": json.dumps(cameras_json(clip, 24.0)).encode(),
-        "meta.json": json.dumps({"schema_version": 1, "sequence_id": "nested", "clip_index": 0}).encode(),
+        "meta.json": json.dumps({"schema_version": 1, **clip_meta}).encode(),
     }
-    f0 = frames[0]
-    frame0 = encode_sample(
-        "nested_c0000_f0000",
-        _shade(f0.hits),
-        f0.hits,
-        f0.camera,
-        {
-            **_meta("nested", 0, ["box", "ball"]),
-            "sequence_id": "nested",
-            "clip_index": 0,
-            "frame_index": 0,
-            "timestamp": 0.0,
-        },
-    )
-    path = _write(data["root"].parent / "clip.tar", [frame0, files])
-    return {"path": path, "tracks": tracks, "files": files}
+    frame_files = [
+        encode_sample(
+            f"nested_c0000_f{f.t:04d}",
+            _shade(f.hits),
+            f.hits,
+            f.camera,
+            {**_meta("nested", f.t, ["box", "ball"]), **clip_meta, "frame_index": f.frame_index,
+             "timestamp": f.timestamp, "next_frame_index": f.next_frame_index},
+            extra_layers=f.extra_layers(),
+        )
+        for f in frames
+    ]
+    # the whole clip, as the renderer writes it: every frame, then the tracks sample
+    path = _write(data["root"].parent / "clip.tar", frame_files + [files])
+    return {"path": path, "full_path": path, "tracks": tracks, "files": files, "frames": frames,
+            "frame_files": frame_files, "T": T}
 
 
 def test_clip_sample_validates_and_is_summarised(clip):
-    assert wi.validate([clip["path"]]) == []
+    assert wi.validate([clip["path"]]) == []  # the cross-checks of the frames and the tracks included
     d = wi.summarise([clip["path"]])
-    assert (d["views"], d["clips"], d["tracks"]) == (1, 1, len(clip["tracks"]["query_layer"]))
+    assert (d["views"], d["clips"], d["tracks"]) == (clip["T"], 1, len(clip["tracks"]["query_layer"]))
     assert (clip["tracks"]["layer_index"] > 0).any()  # hidden layers are really tracked
+    assert d["dynamic_tracks"] == int(clip["tracks"]["dynamic"].sum()) > 0  # the ball moves, the box does not
+    cov = clip["tracks"]["coverage"]
+    assert d["track_coverage"]["0"]["min"] == pytest.approx(float(np.nanmin(cov[:, 0])))
+    assert "track coverage" in wi.format_summary(d) and "dynamic tracks" in wi.format_summary(d)
+
+
+def _npz_with(data: bytes, **changes) -> bytes:
+    arrays = dict(np.load(io.BytesIO(data), allow_pickle=False))
+    for name, change in changes.items():
+        arrays[name] = change(arrays[name].copy())
+    return encode_npz(arrays)
+
+
+def _set(index, value):
+    def change(a):
+        a[index] = value
+        return a
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "where, field, change, problem",
+    [
+        ("tracks", "dynamic", np.logical_not, ("tracks.npz:dynamic", "disagrees with the displacement")),
+        ("tracks", "world_displacement", lambda a: a + 0.01, ("tracks.npz:world_displacement", "disagrees")),
+        ("tracks", "coverage", _set((1, 0), 0.5), ("tracks.npz:coverage", "disagrees with the frames")),
+        ("frame", "next_world_xyz", lambda a: a + np.float32(0.01) * (a != 0),
+         ("tracks.npz:world_xyz", "at the next frame != the query crossing's next_world_xyz")),
+        ("frame", "dynamic", np.ones_like, ("layers.npz:dynamic", "dynamic where invalid")),
+    ],
+)
+def test_clip_motion_and_coverage_claims_are_checked(clip, tmp_path, where, field, change, problem):
+    frames = [dict(f) for f in clip["frame_files"]]
+    tracks = dict(clip["files"])
+    if where == "tracks":
+        tracks["tracks.npz"] = _npz_with(tracks["tracks.npz"], **{field: change})
+    else:
+        frames[0]["layers.npz"] = _npz_with(frames[0]["layers.npz"], **{field: change})
+    problems = wi.validate([_write(tmp_path / "c.tar", frames + [tracks])])
+    assert any(p.field == problem[0] and p.message.startswith(problem[1]) for p in problems), problems
+
+
+def test_frame_dynamic_mask_disagreeing_with_its_flow_is_named(clip, tmp_path):
+    frames = [dict(f) for f in clip["frame_files"]]
+    layers = np.load(io.BytesIO(frames[0]["layers.npz"]))
+    assert layers["dynamic"].any() and (~layers["dynamic"] & layers["valid"]).any()  # the ball, the box
+    frames[0]["layers.npz"] = _npz_with(frames[0]["layers.npz"], dynamic=np.zeros_like)
+    problems = wi.validate([_write(tmp_path / "c.tar", frames + [clip["files"]])])
+    # against its own next_world_xyz, and against the tracks seeded on that frame
+    assert any(p.field == "layers.npz:dynamic" and "next_world_xyz" in p.message for p in problems)
+    assert any(p.message.startswith("step to the next frame disagrees") for p in problems)
 
 
 def test_clip_with_wrong_layer_index_is_named(clip, tmp_path):
@@ -369,8 +423,8 @@ def test_contact_sheets(data, clip, tmp_path, capsys):
         assert im.size == (4 * 3.2 * 80, -(-panels // 4) * 3.0 * 80)
         assert np.asarray(im.convert("L")).std() > 10  # something was drawn
     assert main(["inspect", str(clip["path"]), "--show", "nested_c0000_tracks", "--out", str(out)]) == 0
-    with Image.open(out / "nested_c0000_tracks.png") as im:
-        assert im.size == (2 * 3.2 * 80, 3.0 * 80)
+    with Image.open(out / "nested_c0000_tracks.png") as im:  # tracks by layer, layer shares, motion, coverage
+        assert im.size == (4 * 3.2 * 80, 3.0 * 80)
     assert main(["inspect", str(clip["path"]), "--show", "no_such_key", "--out", str(out)]) == 1
     assert "no sample with key no_such_key" in capsys.readouterr().err
 
@@ -410,3 +464,150 @@ def test_cli_export_ply_and_clip_points(data, clip, tmp_path):
             data["raw"]["torus_v0000"]["hits"].valid
         ],
     )
+
+
+# ----------------------------------------------------------------------------------- 3D viewer (Rerun)
+
+
+def _rrd_rows(path: Path) -> dict[str, dict]:
+    """A .rrd file read back with rerun's own chunk reader: entity path -> {frame (None: static) -> {component
+    (e.g. ``Points3D:positions``) -> value}}, one entry per logged row."""
+    from rerun.chunk import RrdReader
+
+    rows: dict[str, dict] = {}
+    for chunk in RrdReader(path).stream():
+        batch = chunk.to_record_batch()
+        cols = {c: batch.column(c).to_pylist() for c in batch.schema.names if ":" in c or c == "frame"}
+        frames = cols.pop("frame", [None] * chunk.num_rows)
+        for i in range(chunk.num_rows):
+            rows.setdefault(chunk.entity_path, {})[frames[i]] = {c: v[i] for c, v in cols.items() if ":" in c}
+    return rows
+
+
+def _view_entities(root: str, k: int) -> set[str]:
+    return {root, f"{root}/meta", f"{root}/camera", f"{root}/camera/image", f"{root}/camera/image/rgb",
+            *(f"{root}/camera/layers/{i}" for i in range(k))}
+
+
+def _check_logged_view(row: dict, layers: dict, cam: Camera, hits, rgb: np.ndarray) -> None:
+    """One logged view (static or one frame of a clip) against the caster's own arrays."""
+    from rerun.encodings import ViewDir
+
+    tf, pin = row["camera"], row["camera/image"]
+    np.testing.assert_allclose(np.reshape(tf["Transform3D:mat3x3"], (3, 3)).T, cam.cam_to_world[:3, :3], atol=1e-6)
+    np.testing.assert_allclose(tf["Transform3D:translation"][0], cam.center, atol=1e-6)
+    np.testing.assert_allclose(np.reshape(pin["Pinhole:image_from_camera"], (3, 3)).T, cam.K, rtol=1e-6)
+    assert pin["Pinhole:resolution"] == [[W, H]]
+    assert [ViewDir(x).name for x in pin["Pinhole:camera_xyz"][0]] == ["Right", "Down", "Forward"]  # OpenCV
+    np.testing.assert_array_equal(np.frombuffer(bytes(row["camera/image/rgb"]["Image:buffer"][0]), np.uint8),
+                                  rgb.ravel())
+    colours = set()
+    for k in range(K):
+        got = np.asarray(layers[k]["Points3D:positions"], np.float64).reshape(-1, 3)
+        assert len(got) == int(hits.valid[k].sum())  # every hit of layer k, nothing else
+        np.testing.assert_allclose(got, hits.xyz[k][hits.valid[k]], atol=1e-5)
+        colours |= set(layers[k]["Points3D:colors"])
+    assert len(colours) == K  # one colour per layer
+
+
+def test_rerun_recording_reads_back(data, clip, tmp_path, capsys):
+    """A view and a clip with its frames, written by the CLI and read back with rerun's chunk reader: the
+    entities, every layer's points against the caster's arrays, cameras, images and the track lines."""
+    from wt_datagen.inspect.viewer import TRAIL_FRAMES
+
+    out = tmp_path / "v.rrd"
+    argv = ["inspect", str(data["shards"][0]), str(clip["full_path"]), "--show", "nested_v0001",
+            "nested_c0000_tracks", "--out", str(tmp_path / "sheets"), "--rerun", str(out)]
+    assert main(argv) == 0
+    assert f"open it with: rerun {out}" in capsys.readouterr().err
+    rows = _rrd_rows(out)
+    view, tr = "/nested_v0001", "/nested_c0000_tracks"
+    tracks_entities = {f"{tr}/tracks/{n}" for n in ("visible", "hidden", "outside", "points")}
+    assert set(rows) - {"/__properties"} == _view_entities(view, K) | _view_entities(tr, K) | tracks_entities
+
+    # the static view: logged once, static
+    r = data["raw"]["nested_v0001"]
+    assert all(set(rows[e]) == {None} for e in _view_entities(view, K))
+    _check_logged_view({e[len(view) + 1:]: rows[e][None] for e in _view_entities(view, K) if e != view},
+                       {k: rows[f"{view}/camera/layers/{k}"][None] for k in range(K)}, r["camera"], r["hits"], r["rgb"])
+
+    # the clip: every frame on the frame timeline
+    frames, tracks = clip["frames"], clip["tracks"]
+    T = len(frames)
+    for e in _view_entities(tr, K) - {tr, f"{tr}/meta"} | tracks_entities:
+        assert set(rows[e]) == set(range(T)), e
+    for f in frames:
+        t = f.t
+        _check_logged_view({e[len(tr) + 1:]: rows[e][t] for e in _view_entities(tr, K) if e not in (tr, f"{tr}/meta")},
+                           {k: rows[f"{tr}/camera/layers/{k}"][t] for k in range(K)}, f.camera, f.hits, _shade(f.hits))
+        steps = np.arange(max(1, t - TRAIL_FRAMES + 1), t + 1)  # segments ending at these frames
+        li, wx = tracks["layer_index"], tracks["world_xyz"].astype(np.float64)
+        for name, state in (("visible", li[steps] == 0), ("hidden", li[steps] > 0), ("outside", li[steps] < 0)):
+            strips = np.asarray(rows[f"{tr}/tracks/{name}"][t]["LineStrips3D:strips"], np.float64).reshape(-1, 2, 3)
+            s, n = np.nonzero(state)
+            assert len(strips) == len(s)
+            np.testing.assert_allclose(strips[:, 0], wx[steps[s] - 1, n], atol=1e-6)
+            np.testing.assert_allclose(strips[:, 1], wx[steps[s], n], atol=1e-6)
+        heads = rows[f"{tr}/tracks/points"][t]
+        np.testing.assert_allclose(np.reshape(heads["Points3D:positions"], (-1, 3)), wx[t], atol=1e-6)
+        assert len(set(heads["Points3D:colors"])) == len(np.unique(np.sign(li[t])))  # one colour per state
+    assert (tracks["layer_index"][1:] > 0).any() and (tracks["layer_index"][1:] == 0).any()  # both drawn
+    from rerun.chunk import RrdReader  # the "time" timeline: each frame's timestamp, in nanoseconds
+
+    times = {}
+    for chunk in RrdReader(out).stream():
+        if chunk.entity_path == f"{tr}/tracks/points":
+            b = chunk.to_record_batch()
+            times.update(zip(b.column("frame").to_pylist(), b.column("time").cast("int64").to_pylist()))
+    assert times == {f.t: round(f.timestamp * 1e9) for f in frames}
+
+
+@pytest.mark.parametrize("colour", ["facing", "normal"])
+def test_rerun_colours(data, tmp_path, colour):
+    from wt_datagen.inspect.viewer import ENTERING, EXITING, write_rrd
+
+    key = "nested_v0002"
+    hits = data["raw"][key]["hits"]
+    rec = write_rrd([_sample(data, key)], tmp_path / "c.rrd", colour=colour)
+    assert rec.keys == [key] and rec.points == {key: int(hits.valid.sum())} and rec.skipped == []
+    rows = _rrd_rows(tmp_path / "c.rrd")
+    for k in range(K):
+        rgba = np.asarray(rows[f"/{key}/camera/layers/{k}"][None]["Points3D:colors"], np.uint32)
+        rgb = np.stack([(rgba >> 24) & 255, (rgba >> 16) & 255, (rgba >> 8) & 255], -1)  # packed RGBA
+        if colour == "facing":
+            entering = hits.front_facing[k][hits.valid[k]]
+            assert (rgb == ENTERING).all(-1).sum() == entering.sum()
+            assert (rgb == EXITING).all(-1).sum() == (~entering).sum()
+        else:
+            want = (hits.normal[k][hits.valid[k]].astype(np.float64) + 1) * 127.5
+            assert np.abs(rgb - want).max() <= 0.5 + 127.5 * 2.0**-11  # rounded; float16 storage
+
+
+def test_rerun_missing_is_one_line_before_any_work(data, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rerun", None)  # as if rerun-sdk were not installed: import fails
+    out = tmp_path / "v.rrd"
+    assert main(["inspect", str(data["root"]), "--rerun", str(out)]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and not out.exists()
+    assert len(cap.err.strip().splitlines()) == 1 and "world-tracing[rerun]" in cap.err
+
+
+# ------------------------------------------------------------------------------------------- progress
+
+
+def test_progress_is_plain_lines_off_a_terminal(data):
+    """stderr piped (not a terminal): progress as plain lines, no carriage return; stdout the JSON only."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "wt_datagen.cli", "inspect", *map(str, data["shards"]), "--json"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr
+    assert "inspect: 2/2 shard (100%)" in proc.stderr
+    assert json.loads(proc.stdout) == wi.summarise(data["shards"])

@@ -6,6 +6,7 @@ point's own face, slab test for an axis-aligned box), and trimesh's own barycent
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -50,15 +51,15 @@ def static_cameras(T, eye=(0.0, 0.0, 5.0), fov=50.0):
 
 
 def check_projection(tr, cameras):
-    """cam_xyz and uv follow from world_xyz through each frame's camera; the reference frame reprojects the
-    query onto its own pixel centre and puts it on its own layer."""
+    """cam_xyz and uv follow from world_xyz through each frame's camera; each track's query frame reprojects
+    the query onto its own pixel centre and puts it on its own layer."""
     for t, cam in enumerate(cameras):
         np.testing.assert_allclose(tr["cam_xyz"][t], cam.world_to_camera(tr["world_xyz"][t]), atol=1e-5)
         inside = tr["layer_index"][t] >= 0
         np.testing.assert_allclose(tr["uv"][t][inside], cam.project(tr["cam_xyz"][t][inside]), atol=1e-3)
-    q = int(tr["query_frame"][0])
-    np.testing.assert_allclose(tr["uv"][q], tr["query_pixel"] + 0.5, atol=1e-3)
-    assert np.array_equal(tr["layer_index"][q], tr["query_layer"])
+    q, n = tr["query_frame"], np.arange(len(tr["query_frame"]))
+    np.testing.assert_allclose(tr["uv"][q, n], tr["query_pixel"] + 0.5, atol=1e-3)
+    assert np.array_equal(tr["layer_index"][q, n], tr["query_layer"])
 
 
 def convex_layer(meshes, tr, t, cam):
@@ -167,6 +168,9 @@ def test_two_objects_passing_in_front_of_each_other(tmp_path):
     tr, frames = run_clip(seq, cams)
     on_wall = tr["query_instance"] == 0
     assert on_wall.any() and (~on_wall).any()
+    # the mover enters the view: tracks seeded on it then are checked below on every frame, before their
+    # query frame too (back-filled)
+    assert ((tr["query_frame"] > 0) & ~on_wall).sum() > 5
     p0 = tr["world_xyz"][0].astype(np.float64)
     for t in range(T):
         shift = np.where(on_wall[:, None], 0.0, [xs[t] - xs[0], 0.0, 0.0])
@@ -391,6 +395,11 @@ def test_render_cli_writes_frames_and_tracks(tmp_path, capsys):
     assert main(["render", str(assets), "--config", str(config), "--out", str(out)]) == 0
     printed = capsys.readouterr()
     assert "missing frames 1" in printed.out + printed.err
+    # progress off a terminal: plain lines, no carriage returns, in views whose total is known at planning:
+    # 2 static views + 2 sequences x 2 clips x 4 frames + the skipped gap folder's 2 x 2 planned frames
+    progress = re.findall(r"render: (\d+)/(\d+) view", printed.err)
+    assert "\r" not in printed.err and progress and all(int(t) == 22 for _, t in progress)
+    assert progress[-1] == ("22", "22")
 
     shards = sorted(map(str, out.glob("*.tar")))
     samples = {s["__key__"]: s for s in wds.WebDataset(shards, shardshuffle=False).decode()}
@@ -400,7 +409,7 @@ def test_render_cli_writes_frames_and_tracks(tmp_path, capsys):
     static = samples["static_box_ply_v0000"]
     for key, s in frames.items():
         assert set(s) - {"__url__", "__local_path__"} == set(static) - {"__url__", "__local_path__"}
-        assert set(s["layers.npz"]) == set(static["layers.npz"])
+        assert set(s["layers.npz"]) == set(static["layers.npz"]) | {"dynamic"}  # scene_flow is off
         meta = s["meta.json"]
         assert {"sequence_id", "clip_index", "frame_index", "timestamp"} <= set(meta)
         assert set(static["meta.json"]) <= set(meta)
@@ -412,13 +421,15 @@ def test_render_cli_writes_frames_and_tracks(tmp_path, capsys):
         assert T == 4 and N > 0 and tr["world_xyz"].shape == (T, N, 3) and tr["layer_index"].dtype == np.int8
         assert tr["query_pixel"].shape == (N, 2) and set(s["meta.json"]) >= {"sequence_id", "clip_index"}
         prefix = key.removesuffix("_tracks")
-        # on the query frame each track is its query: that frame's layered point at that pixel and layer
-        q = int(tr["query_frame"][0])
-        ref = samples[f"{prefix}_f{tr['frame_index'][q]:04d}"]
-        (u, v), k = tr["query_pixel"].T, tr["query_layer"]
-        ref_xyz = ref["layers.npz"]["depth"][k, v, u, None] * Camera.from_json(cams["cameras"][q]).pixel_rays()[v, u]
-        np.testing.assert_allclose(tr["cam_xyz"][q], ref_xyz, rtol=1e-5, atol=1e-5)
-        assert np.array_equal(tr["layer_index"][q], k)
+        # on its query frame each track is its query: that frame's layered point at that pixel and layer
+        for q in np.unique(tr["query_frame"]):
+            n = tr["query_frame"] == q
+            ref = samples[f"{prefix}_f{tr['frame_index'][q]:04d}"]
+            (u, v), k = tr["query_pixel"][n].T, tr["query_layer"][n]
+            rays = Camera.from_json(cams["cameras"][q]).pixel_rays()[v, u]
+            np.testing.assert_allclose(tr["cam_xyz"][q][n], ref["layers.npz"]["depth"][k, v, u, None] * rays,
+                                       rtol=1e-5, atol=1e-5)
+            assert np.array_equal(tr["layer_index"][q][n], k)
         for t, (frame, cam) in enumerate(zip(tr["frame_index"], cams["cameras"])):
             frame_sample = samples[f"{prefix}_f{frame:04d}"]
             assert frame_sample["camera.json"] == cam

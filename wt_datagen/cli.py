@@ -6,21 +6,21 @@ and ``run(args) -> int`` (the exit code).
 
 from __future__ import annotations
 
-import importlib
 import sys
 
-from .console import build_parser
+from .console import run_command
 
 COMMANDS = {
     "make-assets": ("wt_datagen.inputs.builtin", "write the built-in procedural assets to a folder"),
     "render": ("wt_datagen.pipeline.render", "render an asset folder into sharded WebDataset layered targets"),
-    "inspect": ("wt_datagen.inspect.cli", "summarise, validate, picture and export shards"),
+    "inspect": ("wt_datagen.inspect.cli", "summarise, validate, picture, export and view (Rerun) shards"),
+    "export-tracks": ("wt_datagen.inspect.export_tracks",
+                      "write clips' tracks as TAPVid-3D or PointOdyssey files for 3D point trackers"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser("wt-datagen", __doc__.splitlines()[0], COMMANDS).parse_args(argv)
-    return int(importlib.import_module(args._module).run(args))
+    return run_command("wt-datagen", __doc__.splitlines()[0], COMMANDS, argv)
 
 
 if __name__ == "__main__":

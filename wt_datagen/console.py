@@ -24,6 +24,22 @@ def build_parser(prog: str, description: str, commands: dict[str, tuple[str, str
     return parser
 
 
+def run_command(prog: str, description: str, commands: dict[str, tuple[str, str]], argv: list[str] | None = None,
+                errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Parse ``argv`` with :func:`build_parser` and run the chosen subcommand's ``run(args)``; its return value
+    is the exit code. An exception of a type in ``errors`` (bad input) ends with one line on stderr,
+    ``{prog} {command}: error: ...``, and exit code 2."""
+    args = build_parser(prog, description, commands).parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args))
+    except errors as e:
+        # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last line.
+        lines = [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        print(f"{prog} {args.command}: error: {lines[-1].split(': ', 1)[-1] if len(lines) > 1 else lines[0]}",
+              file=sys.stderr)
+        return 2
+
+
 def _duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rest = divmod(seconds, 3600)
@@ -43,7 +59,7 @@ class Progress:
                  bar: bool | None = None, initial: int = 0):
         self.total, self.unit, self.desc, self.every = int(total), unit, desc, every
         self.stream = stream if stream is not None else sys.stderr
-        self.n, self.initial, self.extra = int(initial), int(initial), ""
+        self.n, self.initial, self.extra, self._shown = int(initial), int(initial), "", -1
         self._t0 = self._last = time.perf_counter()
         self._bar = None
         if bar if bar is not None else self.stream.isatty():
@@ -65,6 +81,7 @@ class Progress:
             self._line()
 
     def _line(self) -> None:
+        self._shown = self.n
         elapsed = time.perf_counter() - self._t0
         rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
         pct = f"/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%)" if self.total else f" {self.unit}"
@@ -84,7 +101,7 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self.n > self.initial:
+        elif self.n > self.initial and self._shown != self.n:
             self._line()
 
     def __enter__(self) -> Progress:

@@ -5,6 +5,12 @@ schema version, every file and field with its dtype and shape, the key format, t
 ``cameras.json`` records, the encoder of a sample's files and the one decoder of them. Every file uses a
 standard extension, so plain ``webdataset`` with its default decoders reads shards too. Decoding never
 unpickles. Only numpy, PIL and ISA-L are needed (no caster, no torch).
+
+Version policy: ``SCHEMA_VERSION`` changes only when a reader written for the previous version would misread
+a sample: an existing file or field changing meaning, dtype or shape, or a new required file or field. New
+*optional* fields (:data:`LAYER_OPTIONAL`, :data:`TRACK_OPTIONAL`, extra ``meta.json`` keys) keep the
+version: readers that do not know them skip them (an older ``inspect --validate`` names them as unexpected,
+which is a report, not a misreading). Version 1 gained the motion fields this way.
 """
 
 from __future__ import annotations
@@ -32,11 +38,22 @@ LAYER_DTYPES = {
     "instance_id": np.int32,
     "num_hits": np.int32,
 }
-LAYER_TRAILING = {"normal": (3,)}  # a field's shape after (K, H, W); num_hits alone is per pixel, (H, W)
+# Optional layers.npz fields, written for a clip's frames (README "Sequences and tracks"): ``dynamic`` the
+# crossing's material point moves in the world between this frame and the next; ``next_world_xyz`` its world
+# position at the next frame (``sequences.scene_flow``). A static view has neither. ``albedo`` (config
+# ``outputs: {albedo: true}``, views and frames): the base colour at each crossing, sRGB-encoded.
+LAYER_OPTIONAL = {"dynamic": np.bool_, "next_world_xyz": np.float32, "albedo": np.uint8}
+LAYER_TRAILING = {"normal": (3,), "next_world_xyz": (3,), "albedo": (3,)}  # after (K, H, W); num_hits (H, W)
 VIEW_FILES = ("rgb.png", "layers.npz", "camera.json", "meta.json")  # a view (or a clip's frame)
 CLIP_FILES = ("tracks.npz", "cameras.json", "meta.json")  # a clip's tracks sample
 # required clip track fields; others (query_face, timestamp, ...) are read and allowed
 TRACK_FIELDS = ("query_frame", "query_layer", "query_pixel", "world_xyz", "cam_xyz", "uv", "layer_index")
+# Optional track fields: name -> (dtype, shape in terms of T frames, N tracks, K layers)
+TRACK_OPTIONAL = {
+    "world_displacement": (np.float32, ("N",)),  # max over the clip of the distance from the query-frame point
+    "dynamic": (np.bool_, ("N",)),  # world_displacement > meta.json dynamic_tolerance
+    "coverage": (np.float32, ("T", "K")),  # track_coverage() of each frame and layer (NaN: layer empty)
+}
 META_KEYS = (  # every view's meta.json; clip frames add SEQUENCE_META_KEYS
     "schema_version",
     "asset_id",
@@ -52,6 +69,8 @@ META_KEYS = (  # every view's meta.json; clip frames add SEQUENCE_META_KEYS
     "version",
 )
 SEQUENCE_META_KEYS = ("sequence_id", "clip_index", "frame_index", "timestamp")
+# written with every view since the image renderers took a lighting (README "meta.json"), absent in older shards
+OPTIONAL_META_KEYS = ("image",)
 _ZIP_DATE = (1 << 5) | 1  # 1980-01-01 in MS-DOS date format: fixed, so the same arrays give the same bytes
 
 
@@ -112,9 +131,10 @@ def cameras_record(sequence_id: str, clip_index: int, trajectory: str, fps: floa
 
 
 def encode_png(rgb: np.ndarray, level: int = 1) -> bytes:
-    """(H, W, 3) uint8 to PNG bytes at zlib ``level``."""
+    """(H, W, 3) uint8 (or (H, W, 4) with straight alpha) to PNG bytes at zlib ``level``."""
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB").save(buf, "PNG", compress_level=level)
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    Image.fromarray(rgb, "RGBA" if rgb.shape[-1] == 4 else "RGB").save(buf, "PNG", compress_level=level)
     return buf.getvalue()
 
 
@@ -174,18 +194,25 @@ def encode_sample(
     meta: dict,
     png_level: int = 1,
     npz_level: int = 1,
+    extra_layers: dict[str, np.ndarray] | None = None,
 ) -> dict[str, bytes]:
     """One sample's files.
 
     Args:
-        rgb: (H, W, 3) uint8 image, pixel-aligned with layer 0.
+        rgb: (H, W, 3) uint8 image, pixel-aligned with layer 0; (H, W, 4) with alpha (coverage).
         hits: the caster's ``Hits`` for ``camera`` (K layers).
         meta: the ``meta.json`` record (README schema); ``schema_version`` is added here.
+        extra_layers: optional ``layers.npz`` fields (:data:`LAYER_OPTIONAL`), stored in their schema dtypes.
     """
+    arrays = layer_arrays(hits)
+    for name, a in (extra_layers or {}).items():
+        if name not in LAYER_OPTIONAL:
+            raise ValueError(f"encode_sample: {name!r} is not an optional layers.npz field ({sorted(LAYER_OPTIONAL)})")
+        arrays[name] = np.asarray(a).astype(LAYER_OPTIONAL[name], copy=False)
     return {
         "__key__": key,
         "rgb.png": encode_png(rgb, png_level),
-        "layers.npz": encode_npz(layer_arrays(hits), npz_level),
+        "layers.npz": encode_npz(arrays, npz_level),
         "camera.json": encode_json(camera.to_json()),
         "meta.json": encode_json({"schema_version": SCHEMA_VERSION, **meta}),
     }
@@ -193,6 +220,61 @@ def encode_sample(
 
 def encode_json(record) -> bytes:
     return json.dumps(record).encode()
+
+
+# ------------------------------------------------------------------------------------ what fields mean
+# Definitions that the writer (which stores them) and the inspector (which checks them) must share.
+
+
+def track_displacement(world_xyz: np.ndarray, query_frame: np.ndarray) -> np.ndarray:
+    """(N,) float64 ``world_displacement``: for each track, the largest distance over the clip's frames from
+    its position at its own query frame. ``world_xyz`` (T, N, 3) as stored (float32), ``query_frame`` (N,)."""
+    w = np.asarray(world_xyz, dtype=np.float64)
+    if w.shape[1] == 0:
+        return np.zeros(0)
+    ref = w[np.asarray(query_frame, dtype=np.int64), np.arange(w.shape[1])]
+    return np.sqrt(((w - ref) ** 2).sum(-1)).max(0)
+
+
+def _spread(a: np.ndarray, r: int, axis: int) -> np.ndarray:
+    """``a`` (bool) OR-ed over the window ``i - r .. i + r`` along ``axis``: windows double in length
+    (1, 2, 4, ...) up to w <= 2r + 1, then two overlapping ones cover the window (O(log r) passes)."""
+    n, length = a.shape[axis], 2 * r + 1
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (r, r)
+    m, w = np.pad(a, pad), 1
+
+    def part(x, lo, hi):
+        return x[(slice(None),) * axis + (slice(lo, hi),)]
+
+    while 2 * w <= length:
+        m, w = part(m, 0, m.shape[axis] - w) | part(m, w, None), 2 * w
+    return part(m, 0, n) | part(m, length - w, length - w + n)
+
+
+def track_coverage(valid: np.ndarray, uv: np.ndarray, layer: np.ndarray, radius: int) -> np.ndarray:
+    """(K,) float64 ``coverage`` of one frame: for each layer k, the fraction of its valid pixels that have a
+    track on layer k in a pixel at most ``radius`` rows and columns away (the track's pixel is
+    ``floor(uv)``); NaN for a layer without valid pixels.
+
+    Args:
+        valid: (K, H, W) bool, the frame's layer mask.
+        uv: (N, 2) continuous pixel coordinates of the tracks in this frame (pixel centres at +0.5).
+        layer: (N,) the tracks' ``layer_index`` in this frame (-1 and values >= K are on no layer).
+        radius: in pixels (the clip's ``query_stride``).
+    """
+    K, H, W = valid.shape
+    uv = np.asarray(uv, dtype=np.float64)
+    layer = np.asarray(layer)
+    with np.errstate(invalid="ignore"):
+        col, row = np.floor(uv[:, 0]), np.floor(uv[:, 1])
+        on = (layer >= 0) & (layer < K) & (col >= 0) & (col < W) & (row >= 0) & (row < H)
+    near = np.zeros((K, H, W), dtype=bool)
+    near[layer[on].astype(np.int64), row[on].astype(np.int64), col[on].astype(np.int64)] = True
+    near = _spread(_spread(near, int(radius), 2), int(radius), 1)  # a track within radius columns, then rows
+    n = valid.sum((1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, (valid & near).sum((1, 2)) / n, np.nan)
 
 
 # ------------------------------------------------------------------------------------------- decoding
@@ -205,10 +287,11 @@ def _raise(where: str, message: str):
 
 
 def decode_npz(data: bytes, name: str, expected: Iterable[str] | None = None, others: str = "read",
-               report: Report = _raise) -> dict[str, np.ndarray]:
+               report: Report = _raise, optional: Iterable[str] = ()) -> dict[str, np.ndarray]:
     """An npz file's arrays (never unpickled). ``expected``: the fields it must hold (None: whatever it has);
-    ``others``, for any other field: ``"read"`` it too, ``"skip"`` it (not inflated), or ``"report"`` it as
-    unexpected. Problems go to ``report(where, message)``; the default raises :class:`SchemaError`."""
+    ``optional``: fields read when present, never reported; ``others``, for any other field: ``"read"`` it
+    too, ``"skip"`` it (not inflated), or ``"report"`` it as unexpected. Problems go to ``report(where,
+    message)``; the default raises :class:`SchemaError`."""
     out: dict[str, np.ndarray] = {}
     try:
         npz = np.load(io.BytesIO(data), allow_pickle=False)
@@ -217,8 +300,9 @@ def decode_npz(data: bytes, name: str, expected: Iterable[str] | None = None, ot
         return out
     with npz:
         expected = list(npz.files if expected is None else expected)
-        extra = sorted(set(npz.files) - set(expected))
-        for f in expected + (extra if others != "skip" else []):
+        present = [f for f in optional if f in npz.files and f not in expected]
+        extra = sorted(set(npz.files) - set(expected) - set(present))
+        for f in expected + present + (extra if others != "skip" else []):
             if f not in npz.files or (f in extra and others == "report"):
                 report(f"{name}:{f}", "missing field" if f not in npz.files else "unexpected field")
                 continue
@@ -230,12 +314,13 @@ def decode_npz(data: bytes, name: str, expected: Iterable[str] | None = None, ot
 
 
 def decode_png(data: bytes, name: str = "rgb.png", report: Report = _raise) -> np.ndarray | None:
-    """(H, W, 3) uint8 from PNG bytes (another mode is reported and converted)."""
+    """(H, W, 3) uint8 from PNG bytes, or (H, W, 4) for an RGBA image (a transparent background: alpha is
+    the coverage); another mode is reported and converted to RGB."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            if im.mode != "RGB":
-                report(name, f"image mode {im.mode}, expected RGB")
+            if im.mode not in ("RGB", "RGBA"):
+                report(name, f"image mode {im.mode}, expected RGB or RGBA")
                 im = im.convert("RGB")
             return np.asarray(im)
     except SchemaError:
@@ -261,14 +346,16 @@ def is_clip(files: Iterable[str]) -> bool:
 def decode_files(files: dict[str, bytes], report: Report = _raise, layer_fields: Iterable[str] | None = None,
                  check_files: bool = True) -> dict:
     """The one decoder of a sample: file bytes (``{"rgb.png": bytes, ...}``, webdataset's names without the
-    key) to ``{"rgb": (H, W, 3) uint8, "layers": {field: array}, "camera": dict, "meta": dict}`` for a view,
-    ``{"tracks": {...}, "cameras": record, "meta": dict}`` for a clip's tracks sample.
+    key) to ``{"rgb": (H, W, 3) uint8 (or (H, W, 4) RGBA), "layers": {field: array}, "camera": dict,
+    "meta": dict}`` for a view, ``{"tracks": {...}, "cameras": record, "meta": dict}`` for a clip's tracks
+    sample.
 
-    ``layer_fields``: the ``layers.npz`` fields to read (default all of :data:`LAYER_DTYPES`, each required);
-    a loader that needs two fields inflates two. ``check_files``: missing and unexpected files are problems.
-    ``meta.json``'s ``schema_version`` must be one this code reads. Every problem goes to ``report(where,
-    message)``, which by default raises :class:`SchemaError` (so a decoded sample is complete); the inspector
-    passes a collector and gets what could be decoded.
+    ``layer_fields``: the ``layers.npz`` fields to read (default all of :data:`LAYER_DTYPES`, each required,
+    and the :data:`LAYER_OPTIONAL` ones present); a loader that needs two fields inflates two.
+    ``check_files``: missing and unexpected files are problems. ``meta.json``'s ``schema_version`` must be
+    one this code reads. Every problem goes to ``report(where, message)``, which by default raises
+    :class:`SchemaError` (so a decoded sample is complete); the inspector passes a collector and gets what
+    could be decoded.
     """
     clip = is_clip(files)
     required = CLIP_FILES if clip else VIEW_FILES
@@ -287,8 +374,9 @@ def decode_files(files: dict[str, bytes], report: Report = _raise, layer_fields:
         if "rgb.png" in files:
             out["rgb"] = decode_png(files["rgb.png"], "rgb.png", report)
         if "layers.npz" in files:
-            fields, others = (LAYER_DTYPES, "report") if layer_fields is None else (layer_fields, "skip")
-            out["layers"] = decode_npz(files["layers.npz"], "layers.npz", fields, others, report)
+            fields, others, optional = ((LAYER_DTYPES, "report", LAYER_OPTIONAL) if layer_fields is None
+                                        else (layer_fields, "skip", ()))
+            out["layers"] = decode_npz(files["layers.npz"], "layers.npz", fields, others, report, optional)
     for name in ("camera.json", "cameras.json", "meta.json"):
         if name in files and name in required:
             out[name.split(".")[0]] = decode_json(files[name], name, report)
@@ -301,7 +389,7 @@ def decode_files(files: dict[str, bytes], report: Report = _raise, layer_fields:
 
 def decode_sample(sample: dict) -> dict:
     """A webdataset-style sample (``{"__key__": key, "rgb.png": bytes, ...}``) to Python values by file:
-    ``.png`` -> (H, W, 3) uint8, ``.npz`` -> dict of arrays, ``.json`` -> parsed; ``__*__`` entries pass
+    ``.png`` -> (H, W, 3) or (H, W, 4) uint8, ``.npz`` -> dict of arrays, ``.json`` -> parsed; ``__*__`` entries pass
     through. No schema rules (see :func:`decode_files`); never unpickles."""
     out = {}
     for name, value in sample.items():

@@ -7,10 +7,9 @@ stderr and exit code 2.
 
 from __future__ import annotations
 
-import importlib
 import sys
 
-from wt_datagen.console import build_parser
+from wt_datagen.console import run_command
 from wt_model.checkpoint import CheckpointError
 from wt_model.data import DataError
 from wt_model.encoder import EncoderError
@@ -24,17 +23,8 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser("wt-model", __doc__.splitlines()[0], COMMANDS).parse_args(argv)
-    from wt_model.train import TrainError
-
-    try:
-        return int(importlib.import_module(args._module).run(args))
-    except (DataError, CheckpointError, EncoderError, TrainError) as e:
-        # Errors raised in DataLoader workers arrive wrapped with the worker's traceback: keep the last line.
-        lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        print(f"wt-model {args.command}: error: {lines[-1].split(': ', 1)[-1] if len(lines) > 1 else lines[0]}",
-              file=sys.stderr)
-        return 2
+    return run_command("wt-model", __doc__.splitlines()[0], COMMANDS, argv,
+                       errors=(DataError, CheckpointError, EncoderError))
 
 
 if __name__ == "__main__":

@@ -161,8 +161,9 @@ def where_of(sample: dict) -> str:
 
 def decode_points(sample: dict, num_layers: int | None = None) -> dict:
     """One raw WebDataset sample -> camera-space layers at the shard's resolution: ``xyz`` (K,H,W,3) float64,
-    ``valid`` (K,H,W) bool, ``rgb`` (H,W,3) uint8, ``rays`` (H,W,3) (z = 1), ``meta`` dict. ``num_layers``
-    keeps the first layers (None: all). Raises :class:`DataError` (one line) on an unreadable sample."""
+    ``valid`` (K,H,W) bool, ``rgb`` (H,W,3) uint8 (an RGBA image, transparent background, is composited over
+    black), ``rays`` (H,W,3) (z = 1), ``meta`` dict. ``num_layers`` keeps the first layers (None: all).
+    Raises :class:`DataError` (one line) on an unreadable sample."""
     where = where_of(sample)
     try:
         d = decode_files(sample, layer_fields=("depth", "valid"), check_files=False)
@@ -175,8 +176,12 @@ def decode_points(sample: dict, num_layers: int | None = None) -> dict:
     if depth.ndim != 3 or valid.shape != depth.shape:
         raise DataError(f"{where}: layers.npz depth {depth.shape} and valid {valid.shape} do not match")
     H, W = depth.shape[1:]
-    if rgb is None or rgb.shape[:2] != (H, W):
-        raise DataError(f"{where}: rgb.png is not {W}x{H} like layers.npz")
+    if rgb is None:
+        raise DataError(f"{where}: rgb.png is unreadable")
+    if rgb.shape[-1] == 4:  # a transparent background: the colour over black (premultiplied by the coverage)
+        rgb = (rgb[..., :3].astype(np.float32) * (rgb[..., 3:] / np.float32(255.0)) + 0.5).astype(np.uint8)
+    if rgb.shape[:2] != (H, W):
+        raise DataError(f"{where}: rgb.png is {rgb.shape[1]}x{rgb.shape[0]} but layers.npz is {W}x{H}")
     if (camera.width, camera.height) != (W, H):
         raise DataError(f"{where}: camera.json is {camera.width}x{camera.height} but layers.npz is {W}x{H}")
     rays = camera.pixel_rays()  # (H,W,3), z = 1

@@ -66,7 +66,8 @@ DATA_ORDER_NOTES = ("workers", "world_size")  # may change on resume; the data o
 
 
 class TrainError(ValueError):
-    """A training option that cannot work (one line)."""
+    """A training option that cannot work; ``run`` prints it as one line and exits 2 (like the errors
+    ``wt-model`` itself catches)."""
 
 
 def flag(key: str) -> str:
@@ -170,6 +171,9 @@ def run(args: argparse.Namespace) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         return train(args, device, rank, world_size)
+    except TrainError as e:
+        print(f"wt-model train: error: {e}", file=sys.stderr)
+        return 2
     finally:
         if ddp:
             dist.destroy_process_group()

@@ -3,7 +3,12 @@
 Run: `make bench` (or `.venv/bin/python -m tests.bench sequence`). Two sequences: a deforming mesh (frames
 read from .ply files, as the renderer does) and a rigid scene.json with two moving objects. "static" is the
 per-frame work of a static render's caster (build the caster on the frame's meshes, cast K layers); "clip"
-is ClipTracker end to end (frame loading, caster, cast, tracks). Target: tracks cost <= 0.5 x the casting.
+is ClipTracker end to end (frame loading, caster, cast, tracks, motion labels). Variants, run interleaved:
+``single`` seeds on the first frame only (``query_every: 0``, the former behaviour); ``dense`` seeds on every
+frame (the default); ``dense+flow`` also stores scene flow; ``rebuild`` is dense with no casters kept for the
+back-fill (``backfill_memory_mb: 0``: memory-bounded, every earlier frame's caster built again). tracks/cast
+is the tracks' time (seeding, following, back-fill, coverage) over the casting's (caster build and cast) in
+the same run; motion/cast the same for the per-crossing labels. Target: tracks <= 0.5 x the casting.
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ def write_assets(root: Path) -> None:
     (root / "orbit" / "scene.json").write_text(json.dumps(spec))
 
 
+VARIANTS = {"single": {"query_every": 0}, "dense": {}, "dense+flow": {"scene_flow": True},
+            "rebuild": {"backfill_bytes": 0}}
+
+
 def bench_one(seq, cfg: SequenceConfig) -> dict:
     clip = make_clip(seq, 0, cfg, seed=0, width=RES, height=RES)
     frames = [seq.meshes(int(f)) for f in clip.frame_indices]  # preloaded: "static" times the caster only
@@ -58,42 +67,51 @@ def bench_one(seq, cfg: SequenceConfig) -> dict:
             LayeredRaycaster(meshes).cast(cam, K)
         return time.perf_counter() - t0
 
-    def tracked() -> tuple[float, dict, int]:
-        tracker = ClipTracker(seq, clip, K, cfg.query_stride, cfg.query_frame)
+    def tracked(kw: dict) -> dict:
+        tracker = ClipTracker(seq, clip, K, cfg.query_stride, cfg.query_frame, **kw)
         t0 = time.perf_counter()
         for _ in tracker.frames():
             pass
-        return time.perf_counter() - t0, tracker.seconds, len(tracker.queries)
+        a = tracker.arrays()
+        return {"wall": time.perf_counter() - t0, **tracker.seconds, "tracks_n": len(a["query_layer"]),
+                "later": int((a["query_frame"] > 0).sum()), "cov0": float(np.nanmin(a["coverage"][:, 0]))}
 
     static()  # warm-up (numba compilation)
-    runs_static, runs_clip = [], []
-    for _ in range(REPEATS):  # interleaved, so both see the same machine load
-        runs_static.append(static())
-        runs_clip.append(tracked())
-    wall = float(np.median([r[0] for r in runs_clip]))
-    cast = float(np.median([r[1]["cast"] for r in runs_clip]))
-    tracks = float(np.median([r[1]["tracks"] for r in runs_clip]))
-    return {"static_fps": T / float(np.median(runs_static)), "clip_fps": T / wall, "cast_ms": 1e3 * cast / T,
-            "tracks_ms": 1e3 * tracks / T, "ratio": tracks / cast, "tracks": runs_clip[0][2],
-            "faces": sum(len(m.faces) for m in frames[0])}
+    runs = {"static": []} | {name: [] for name in VARIANTS}
+    for _ in range(REPEATS):  # interleaved, so every variant sees the same machine load
+        runs["static"].append(static())
+        for name, kw in VARIANTS.items():
+            runs[name].append(tracked(kw))
+    out = {"static_fps": T / float(np.median(runs["static"])), "faces": sum(len(m.faces) for m in frames[0])}
+    for name in VARIANTS:
+        r = runs[name]
+        med = {k: float(np.median([x[k] for x in r])) for k in ("wall", "cast", "tracks", "motion")}
+        out[name] = {"clip_fps": T / med["wall"], "cast_ms": 1e3 * med["cast"] / T,
+                     "tracks_ms": 1e3 * med["tracks"] / T, "ratio": med["tracks"] / med["cast"],
+                     "motion": med["motion"] / med["cast"], "tracks": r[0]["tracks_n"], "later": r[0]["later"],
+                     "cov0": r[0]["cov0"]}
+    return out
 
 
 def main() -> None:
     cfg = SequenceConfig(clip_length=T, trajectory="orbit", query_stride=8)
     print(f"\nsequence: {T}-frame clip, {RES}x{RES}, K={K}, query stride {cfg.query_stride}, "
           f"median of {REPEATS} (per frame: ms; target tracks/cast <= 0.5)")
-    print(f"{'sequence':<10} {'faces':>7} {'tracks':>7} {'static fps':>11} {'clip fps':>9} {'cast ms':>8} "
-          f"{'tracks ms':>10} {'tracks/cast':>12}")
+    print(f"{'sequence':<8} {'faces':>6} {'variant':<10} {'tracks':>6} {'later':>6} {'cov0 min':>8} "
+          f"{'static fps':>10} {'clip fps':>8} {'cast ms':>7} {'tracks ms':>9} {'tracks/cast':>11} "
+          f"{'motion/cast':>11}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_assets(root)
         for source in find_sequences(root):
             seq = load_sequence(source, root)
             r = bench_one(seq, cfg)
-            verdict = "ok" if r["ratio"] <= 0.5 else "OVER"
-            print(f"{seq.sequence_id:<10} {r['faces']:>7} {r['tracks']:>7} {r['static_fps']:>11.1f} "
-                  f"{r['clip_fps']:>9.1f} {r['cast_ms']:>8.1f} {r['tracks_ms']:>10.1f} "
-                  f"{r['ratio']:>8.2f} {verdict}")
+            for name in VARIANTS:
+                v = r[name]
+                verdict = "ok" if v["ratio"] <= 0.5 else "OVER"
+                print(f"{seq.sequence_id:<8} {r['faces']:>6} {name:<10} {v['tracks']:>6} {v['later']:>6} "
+                      f"{100 * v['cov0']:>7.1f}% {r['static_fps']:>10.1f} {v['clip_fps']:>8.1f} {v['cast_ms']:>7.1f} "
+                      f"{v['tracks_ms']:>9.1f} {v['ratio']:>7.2f} {verdict:<4} {v['motion']:>10.2f}")
 
 
 if __name__ == "__main__":

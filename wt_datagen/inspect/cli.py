@@ -7,10 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+from ..console import Progress
 from ..reader import Problem, ShardError, expand_shards
 from .export import export_ply
 from .pictures import contact_sheet, first_frame_rgb
 from .summary import format_summary, scan
+from .viewer import COLOURINGS, ViewerUnavailable, require_rerun, write_rrd
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +39,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ply-frame", choices=("camera", "world"), default="camera")
     parser.add_argument("--ply-colour", choices=("layer", "image"), default="layer")
+    parser.add_argument(
+        "--rerun",
+        metavar="FILE.rrd",
+        help="log the chosen samples (default: the first) to a Rerun recording; open it with `rerun FILE.rrd` "
+        "(needs the extra `rerun`)",
+    )
+    parser.add_argument(
+        "--rerun-colour",
+        choices=COLOURINGS,
+        default="layer",
+        help="colour of the points in --rerun: layer index, camera-space normal, entering/exiting, image",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -54,12 +68,16 @@ def _chooser(show: list[str] | None, export: bool):
 def run(args: argparse.Namespace) -> int:
     try:
         paths = expand_shards(args.shards)
-    except ShardError as e:
+        if args.rerun:
+            require_rerun()  # before the scan, so a missing extra costs nothing
+    except (ShardError, ViewerUnavailable) as e:
         print(f"inspect: {e}", file=sys.stderr)
         return 2
-    summary, problems, kept = scan(
-        paths, validate=args.validate, keep=_chooser(args.show, bool(args.export_ply))
-    )
+    with Progress(len(paths), unit="shard", desc="inspect") as progress:
+        summary, problems, kept = scan(
+            paths, validate=args.validate, keep=_chooser(args.show, bool(args.export_ply or args.rerun)),
+            progress=progress,
+        )
     if args.show and not (len(args.show) == 1 and args.show[0].isdigit()):
         for missing in sorted(set(args.show) - {s.key for s in kept}):
             print(f"inspect: --show: no sample with key {missing}", file=sys.stderr)
@@ -81,4 +99,11 @@ def run(args: argparse.Namespace) -> int:
                 print(f"ply: {out} ({n} points)", file=sys.stderr)
             except (ValueError, KeyError, TypeError, IndexError) as e:
                 print(f"inspect: {s.shard}: {s.key}: export skipped ({e})", file=sys.stderr)
+    if args.rerun and kept:
+        rec = write_rrd(kept, args.rerun, colour=args.rerun_colour,
+                        on_skip=lambda line: print(f"inspect: {line}", file=sys.stderr))
+        frames = sum(rec.frames.values())
+        print(f"rerun: {rec.path} ({len(rec.keys)} samples, {sum(rec.points.values())} points"
+              + (f", {frames} clip frames" if rec.frames else "") + f"); open it with: rerun {rec.path}",
+              file=sys.stderr)
     return 1 if problems else 0

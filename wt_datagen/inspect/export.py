@@ -11,6 +11,15 @@ from ..reader import Sample
 from .pictures import layer_colours
 
 
+def hit_points(sample: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A view's valid hits: (M, 3) float32 camera-space points ``depth * K^-1 (u + .5, v + .5, 1)`` and their
+    layer, row and column indices ``k, v, u`` ((M,) int64 each), layer by layer (``k`` is sorted)."""
+    cam = Camera.from_json(sample.camera)
+    depth, valid = sample.layers["depth"], sample.layers["valid"]
+    k, v, u = np.nonzero(valid)
+    return depth_to_xyz(depth, cam.K)[k, v, u], k, v, u
+
+
 def layered_points(
     sample: Sample, frame: str = "camera", colour: str = "layer"
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -24,18 +33,16 @@ def layered_points(
         n = np.arange(len(qf))
         xyz = (t["cam_xyz"] if frame == "camera" else t["world_xyz"])[qf, n].astype(np.float32)
         return xyz, layer_colours(int(t["query_layer"].max(initial=0)) + 1)[t["query_layer"]]
-    cam = Camera.from_json(sample.camera)
-    depth, valid = sample.layers["depth"], sample.layers["valid"]
-    k, v, u = np.nonzero(valid)
-    xyz = depth_to_xyz(depth, cam.K)[k, v, u]
+    xyz, k, v, u = hit_points(sample)
     if frame == "world":
+        cam = Camera.from_json(sample.camera)
         xyz = (xyz @ cam.cam_to_world[:3, :3].T + cam.cam_to_world[:3, 3]).astype(np.float32)
     if colour == "image":
         if sample.rgb is None:
             raise ValueError(f"export: {sample.key}: rgb.png unreadable, cannot colour by image")
         rgb = sample.rgb[v, u]
     else:
-        rgb = layer_colours(depth.shape[0])[k]
+        rgb = layer_colours(sample.layers["depth"].shape[0])[k]
     return xyz, rgb
 
 

@@ -7,7 +7,15 @@ import numpy as np
 
 from ..camera import Camera
 from ..reader import Problem, Sample
-from ..schema import LAYER_DTYPES, LAYER_TRAILING, META_KEYS, TRACK_FIELDS
+from ..schema import (
+    LAYER_DTYPES,
+    LAYER_OPTIONAL,
+    LAYER_TRAILING,
+    META_KEYS,
+    TRACK_FIELDS,
+    TRACK_OPTIONAL,
+    track_displacement,
+)
 
 REPROJECTION_TOL_PX = 1e-3
 NORMAL_TOL = 1e-2  # float16 storage: unit length to about 1e-3
@@ -39,18 +47,22 @@ def shape_ok(s: Sample) -> bool:
         if depth is not None:
             s.problem("layers.npz:depth", f"shape {depth.shape}, expected (K, H, W)")
         return False
-    ok = len(L) == len(LAYER_DTYPES)
-    for name, dtype in LAYER_DTYPES.items():
+    ok = all(name in L for name in LAYER_DTYPES)
+    for name, dtype in {**LAYER_DTYPES, **LAYER_OPTIONAL}.items():
         a = L.get(name)
         if a is None:
             continue
         want = depth.shape[1:] if name == "num_hits" else depth.shape + LAYER_TRAILING.get(name, ())
+        bad = False
         if a.dtype != dtype:
             s.problem(f"layers.npz:{name}", f"dtype {a.dtype}, expected {np.dtype(dtype)}")
-            ok = False
+            bad = True
         if a.shape != want:
             s.problem(f"layers.npz:{name}", f"shape {a.shape}, expected {want}")
-            ok = False
+            bad = True
+        if bad and name in LAYER_OPTIONAL:
+            del L[name]  # an optional field that is malformed is left out of the value rules
+        ok &= not bad or name in LAYER_OPTIONAL
     return ok
 
 
@@ -96,6 +108,9 @@ def _check_layers(s: Sample, cam: Camera | None) -> None:
         _count(s, f"layers.npz:{name}", (a < 0) != invalid, "id < 0 where valid or != -1 where invalid")
         _count(s, f"layers.npz:{name}", a < -1, "id below -1")
     _count(s, "layers.npz:front_facing", invalid & L["front_facing"], "front_facing where invalid")
+    if "albedo" in L:  # optional (outputs: albedo): colour exactly where there is a crossing
+        _count(s, "layers.npz:albedo", invalid & L["albedo"].any(axis=-1), "nonzero albedo where invalid")
+    _check_motion_masks(s, invalid)
     # float16 bits without the sign are 0 exactly for +-0; integer ORs of the three components are far
     # cheaper than float16 maths or a reduction over the short last axis
     bits = L["normal"].view(np.uint16)
@@ -127,6 +142,38 @@ def _check_layers(s: Sample, cam: Camera | None) -> None:
     if off.any():
         what = f"layer-0 point reprojects more than {REPROJECTION_TOL_PX} px off its pixel"
         _count(s, "layers.npz:depth", _at(valid, off), what)
+    if "next_world_xyz" in L and "dynamic" in L:
+        xyz = d[None] * rays  # (3, M) camera space, float32
+        world = cam.rotation.T.astype(np.float32) @ (xyz - cam.world_to_cam[:3, 3:].astype(np.float32))
+        _check_flow(s, valid, world)
+
+
+def _check_motion_masks(s: Sample, invalid: np.ndarray) -> None:
+    """The optional motion fields are empty where there is no crossing, and positions are finite."""
+    L = s.layers
+    if "dynamic" in L:
+        _count(s, "layers.npz:dynamic", invalid & L["dynamic"], "dynamic where invalid")
+    if "next_world_xyz" in L:
+        nw = L["next_world_xyz"]
+        _count(s, "layers.npz:next_world_xyz", invalid & (nw != 0).any(-1), "nonzero where invalid")
+        _count(s, "layers.npz:next_world_xyz", ~invalid & ~np.isfinite(nw).all(-1), "non-finite where valid")
+
+
+def _check_flow(s: Sample, valid: np.ndarray, world: np.ndarray) -> None:
+    """``dynamic`` says whether the point moves more than ``meta.json``'s ``dynamic_tolerance`` between this
+    frame and the next: it must agree with the distance from the crossing's world point (from depth) to
+    ``next_world_xyz``, except within float32 rounding of the tolerance."""
+    tol = s.meta.get("dynamic_tolerance") if isinstance(s.meta, dict) else None
+    if not isinstance(tol, (int, float)):
+        return
+    nxt = s.layers["next_world_xyz"][valid].T  # (3, M)
+    moved = np.sqrt(((nxt - world) ** 2).sum(0))
+    margin = 1e-5 * max(float(np.abs(world).max(initial=0)), float(np.abs(nxt).max(initial=0)), 1e-6)
+    with np.errstate(invalid="ignore"):
+        wrong = (s.layers["dynamic"][valid] != (moved > tol)) & (np.abs(moved - tol) > margin)
+    if wrong.any():
+        _count(s, "layers.npz:dynamic", _at(valid, wrong),
+               f"disagrees with |next_world_xyz - point| > dynamic_tolerance ({tol:.3g})")
 
 
 def _check_meta(s: Sample, K: int | None, max_instance: int | None) -> None:
@@ -155,9 +202,9 @@ def _check_view(s: Sample, shape_ok: bool) -> None:
         inst = s.layers["instance_id"]
         max_inst = int(inst.max()) if inst.size else None
     if s.rgb is not None and cam is not None:
-        if s.rgb.dtype != np.uint8 or s.rgb.shape != (cam.height, cam.width, 3):
+        if s.rgb.dtype != np.uint8 or s.rgb.shape not in ((cam.height, cam.width, 3), (cam.height, cam.width, 4)):
             s.problem(
-                "rgb.png", f"{s.rgb.dtype} {s.rgb.shape}, expected uint8 ({cam.height}, {cam.width}, 3)"
+                "rgb.png", f"{s.rgb.dtype} {s.rgb.shape}, expected uint8 ({cam.height}, {cam.width}, 3 or 4)"
             )
     if s.meta is not None:
         _check_meta(s, K, max_inst)
@@ -244,6 +291,7 @@ def _check_clip(s: Sample) -> None:
         s.problem("tracks.npz:query_frame", f"outside 0..{T - 1}")
         return
     n = np.arange(N)
+    _check_track_motion(s, T, N, qf)
     _count(
         s,
         "tracks.npz:layer_index",
@@ -253,6 +301,39 @@ def _check_clip(s: Sample) -> None:
     )
     off = ~(np.abs(uv[qf, n] - (t["query_pixel"] + 0.5)).max(-1) <= REPROJECTION_TOL_PX)
     _count(s, "tracks.npz:uv", off, "at the query frame off the query pixel centre", ("track",))
+
+
+def _check_track_motion(s: Sample, T: int, N: int, qf: np.ndarray) -> None:
+    """The optional per-track motion fields and the coverage claims' shape and range."""
+    t = s.tracks
+    ok = {}
+    for name, (dtype, dims) in TRACK_OPTIONAL.items():
+        a = t.get(name)
+        if a is None:
+            continue
+        shape = tuple({"T": T, "N": N}.get(d, a.shape[i] if i < a.ndim else -1) for i, d in enumerate(dims))
+        ok[name] = a.dtype == dtype and a.shape == shape
+        if not ok[name]:
+            s.problem(f"tracks.npz:{name}", f"{a.dtype} {a.shape}, expected {np.dtype(dtype)} {dims}")
+    if ok.get("coverage"):
+        c = t["coverage"]
+        K = s.meta.get("num_layers") if isinstance(s.meta, dict) else None
+        if isinstance(K, int) and c.shape[1] != K:
+            s.problem("tracks.npz:coverage", f"{c.shape[1]} layers but meta.json num_layers is {K}")
+        with np.errstate(invalid="ignore"):
+            _count(s, "tracks.npz:coverage", (c < 0) | (c > 1), "outside [0, 1]", ("frame", "layer"))
+    if not ok.get("world_displacement") and not ok.get("dynamic"):
+        return
+    d = track_displacement(t["world_xyz"], qf)
+    scale = max(float(np.abs(t["world_xyz"]).max(initial=0)), 1e-6)
+    if ok.get("world_displacement"):
+        off = ~(np.abs(t["world_displacement"] - d) <= 1e-6 * scale)
+        _count(s, "tracks.npz:world_displacement", off, "disagrees with world_xyz (largest distance from the "
+               "query-frame point)", ("track",))
+    tol = s.meta.get("dynamic_tolerance") if isinstance(s.meta, dict) else None
+    if ok.get("dynamic") and isinstance(tol, (int, float)):
+        _count(s, "tracks.npz:dynamic", t["dynamic"] != (d > tol),
+               f"disagrees with the displacement in world_xyz > dynamic_tolerance ({tol:.3g})", ("track",))
 
 
 def check(s: Sample, shape_ok: bool | None = None) -> list[Problem]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..reader import Problem, Sample, expand_shards, read_samples
+from .clips import ClipLedger
 from .rules import check, shape_ok
 
 
@@ -28,6 +29,12 @@ class _Stats:
     dmin: np.ndarray = field(default_factory=lambda: np.zeros(0))
     dmax: np.ndarray = field(default_factory=lambda: np.zeros(0))
     truncated: int = 0
+    dynamic_tracks: int = 0
+    labelled_tracks: int = 0  # tracks of clips that store the dynamic flag
+    cov_min: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per layer, over clip frames
+    cov_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    cov_frames: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    cov_worst: str = ""  # where layer 0's minimum is
 
     def add(self, s: Sample, ok: bool) -> None:
         self.payload_bytes += s.nbytes
@@ -38,6 +45,11 @@ class _Stats:
             self.clips += 1
             wx = s.tracks.get("world_xyz")
             self.tracks += int(wx.shape[1]) if wx is not None and wx.ndim == 3 else 0
+            dyn = s.tracks.get("dynamic")
+            if dyn is not None and dyn.dtype == bool:
+                self.dynamic_tracks += int(np.count_nonzero(dyn))
+                self.labelled_tracks += dyn.size
+            self._add_coverage(s)
             return
         self.views += 1
         if not ok:
@@ -52,6 +64,25 @@ class _Stats:
             self.dmin[:K] = np.fmin(self.dmin[:K], np.where(valid, depth, np.inf).min(axis=(1, 2)))
             self.dmax[:K] = np.fmax(self.dmax[:K], np.where(valid, depth, -np.inf).max(axis=(1, 2)))
         self.truncated += int(np.count_nonzero(s.layers["num_hits"] > K))
+
+    def _add_coverage(self, s: Sample) -> None:
+        c = s.tracks.get("coverage")
+        if c is None or c.ndim != 2 or not c.size:
+            return
+        K = c.shape[1]
+        if len(self.cov_min) < K:
+            grow = K - len(self.cov_min)
+            self.cov_min = np.concatenate([self.cov_min, np.full(grow, np.inf)])
+            self.cov_sum = np.concatenate([self.cov_sum, np.zeros(grow)])
+            self.cov_frames = np.concatenate([self.cov_frames, np.zeros(grow, np.int64)])
+        c = c.astype(np.float64)
+        has = ~np.isnan(c)
+        low = np.where(has, c, np.inf).min(0)
+        if has[:, 0].any() and low[0] < self.cov_min[0]:
+            self.cov_worst = f"{s.key} frame {int(np.nanargmin(c[:, 0]))}"
+        self.cov_min[:K] = np.minimum(self.cov_min[:K], low)
+        self.cov_sum[:K] += np.where(has, c, 0).sum(0)
+        self.cov_frames[:K] += has.sum(0)
 
     def _grow(self, K: int) -> None:
         n = len(self.dmin)
@@ -84,18 +115,41 @@ class _Stats:
                 [float(a), float(b)] if a <= b else None for a, b in zip(self.dmin, self.dmax)
             ],
             "truncated_ray_fraction": self.truncated / max(pixels, 1),
+            "dynamic_tracks": self.dynamic_tracks,
+            "labelled_tracks": self.labelled_tracks,
+            "track_coverage": {  # per layer over every clip frame: share of valid pixels within a stride of a track
+                str(k): {"min": float(m), "mean": float(t / n), "frames": int(n)}
+                for k, (m, t, n) in enumerate(zip(self.cov_min, self.cov_sum, self.cov_frames)) if n
+            },
+            "track_coverage_worst": self.cov_worst,
             "schema_versions": dict(self.versions),
             "unreadable_views": self.malformed,
             "problems": [str(p) for p in problems],
         }
 
 
-def scan(paths: list[Path], validate: bool = False, keep=None) -> tuple[dict, list[Problem], list[Sample]]:
+def scan(
+    paths: list[Path], validate: bool = False, keep=None, progress=None
+) -> tuple[dict, list[Problem], list[Sample]]:
     """One pass over ``paths``: summary dict, problems (decoding ones always, schema ones if ``validate``)
-    and the samples for which ``keep(index, sample)`` is true. Duplicate keys are problems."""
+    and the samples for which ``keep(index, sample)`` is true. Duplicate keys are problems.
+
+    ``progress``: a :class:`wt_datagen.console.Progress` (or anything with ``update(n)``) over
+    ``len(paths)`` shards; it is advanced as each shard is finished."""
     stats, problems, kept, seen = _Stats(), [], [], {}
+    ledger = ClipLedger() if validate else None
     index = 0
+    order = {str(p): i for i, p in enumerate(paths)}
+    done = 0  # shards finished: every shard before the one being read
+
+    def advance(to: int) -> None:
+        nonlocal done
+        if progress is not None and to > done:
+            progress.update(to - done)
+        done = max(done, to)
+
     for item in read_samples(paths):
+        advance(order.get(item.shard, done))
         if isinstance(item, Problem):
             problems.append(item)
             continue
@@ -106,6 +160,10 @@ def scan(paths: list[Path], validate: bool = False, keep=None) -> tuple[dict, li
             ok = item.is_clip or shape_ok(item)
             if validate:
                 check(item, ok)
+                if item.is_clip:
+                    ledger.check_tracks(item)
+                elif ok:
+                    ledger.add_frame(item)
             stats.add(item, ok)
         except Exception as e:  # data malformed in a way no rule foresaw: still one line, and go on
             item.problem("-", f"could not be checked ({type(e).__name__}: {e})")
@@ -113,6 +171,7 @@ def scan(paths: list[Path], validate: bool = False, keep=None) -> tuple[dict, li
         if keep is not None and keep(index, item):
             kept.append(item)
         index += 1
+    advance(len(paths))
     return stats.report(paths, problems), problems, kept
 
 
@@ -150,6 +209,14 @@ def format_summary(d: dict) -> str:
         rng = d["depth_range_per_layer"][int(k) - 1]
         lo, hi = (f"{rng[0]:10.4g}", f"{rng[1]:10.4g}") if rng else ("         -", "         -")
         lines.append(f"{i:>5}  {100 * f:34.2f}%  {lo}  {hi}")
+    if d["track_coverage"]:
+        cov = "; ".join(f"layer {k} min {100 * c['min']:.1f}% mean {100 * c['mean']:.1f}%"
+                        for k, c in d["track_coverage"].items())
+        lines.append(f"track coverage    {cov} (pixels within a stride of a track; worst layer 0: "
+                     f"{d['track_coverage_worst']})")
+    if d["labelled_tracks"]:
+        lines.append(f"dynamic tracks    {d['dynamic_tracks']} of {d['labelled_tracks']} "
+                     f"({100 * d['dynamic_tracks'] / d['labelled_tracks']:.1f}%)")
     lines.append(
         f"problems          {len(d['problems'])}"
         + (f" ({d['unreadable_views']} views unreadable)" if d["unreadable_views"] else "")

@@ -33,7 +33,7 @@ from ..schema import (
 )
 from .cameras import make_clip
 from .config import RenderConfig
-from .items import Clock, ItemResult, ProgressFn, WorkItem, caster_threads, item_image
+from .items import Clock, ItemResult, ProgressFn, WorkItem, caster_threads, item_lighting, item_materials, view_outputs
 from .shards import ItemStatus
 
 
@@ -113,21 +113,29 @@ def render_sequence(item: WorkItem, cfg: RenderConfig, asset_dir: str, progress:
                        num_layers=cfg.layers, instance_names=seq.instance_names, version=__version__,
                        sequence_id=seq.sequence_id)
     spool, image_mode = SampleSpool(), ""
-    seconds = dict.fromkeys(("load", "cast", "tracks"), 0.0)
+    seconds = dict.fromkeys(("load", "cast", "tracks", "motion"), 0.0)
     for c in range(q.clips):
         clip = make_clip(seq, c, q, cfg.seed, cfg.resolution, cfg.resolution)
         tracker = ClipTracker(seq, clip, cfg.layers, q.query_stride, q.query_frame,
                               make_raycaster=partial(LayeredRaycaster, backend=cfg.backend,
-                                                     num_threads=caster_threads(cfg)))
+                                                     num_threads=caster_threads(cfg)),
+                              query_every=q.query_every, scene_flow=q.scene_flow, dynamic_rtol=q.dynamic_rtol,
+                              backfill_bytes=q.backfill_memory_mb << 20)
+        # one lighting per clip (a video does not flicker), drawn with its first camera and its bounds
+        lighting = item_lighting(cfg, seq.sequence_id, c, clip.cameras[0], seq.world_bounds())
         clock.lap("load")
         for frame in tracker.frames():
             clock.lap("frames")
-            rgb, image_mode = item_image(frame.meshes, frame.camera, frame.hits, cfg)
+            materials = item_materials(frame.meshes, cfg, seq.sequence_id)
+            key = frame_key(seq.sequence_id, c, frame.frame_index)
+            rgb, image_mode, image_meta, extra = view_outputs(frame.meshes, materials, frame.camera, frame.hits,
+                                                              lighting, cfg, key)
             clock.lap("image")
             frame_meta = {**meta, "view_index": frame.t, "clip_index": c, "frame_index": frame.frame_index,
-                          "timestamp": frame.timestamp}
-            spool.write(encode_sample(frame_key(seq.sequence_id, c, frame.frame_index), rgb, frame.hits, frame.camera,
-                                      frame_meta, cfg.encoding.png_level, cfg.encoding.npz_level))
+                          "timestamp": frame.timestamp, "next_frame_index": frame.next_frame_index,
+                          "dynamic_tolerance": tracker.tolerance, "query_stride": q.query_stride, "image": image_meta}
+            spool.write(encode_sample(key, rgb, frame.hits, frame.camera, frame_meta, cfg.encoding.png_level,
+                                      cfg.encoding.npz_level, {**frame.extra_layers(), **extra}))
             clock.lap("encode")
             progress(item.rel_path, 1)
         spool.write(tracks_sample(tracker, meta, cfg.encoding.npz_level))
@@ -149,7 +157,10 @@ def tracks_sample(tracker: ClipTracker, meta: dict, npz_level: int = 1) -> dict[
     arrays = tracker.arrays()
     clip_meta = {"schema_version": SCHEMA_VERSION, **meta, "clip_index": clip.clip_index,
                  "num_frames": len(clip.frame_indices), "num_tracks": int(len(arrays["query_layer"])),
-                 "query_stride": tracker.query_stride, "trajectory": clip.trajectory}
+                 "query_stride": tracker.query_stride, "query_frame": tracker.query_frame,
+                 "query_every": tracker.query_every, "trajectory": clip.trajectory,
+                 "scene_size": tracker.scene_size, "dynamic_tolerance": tracker.tolerance,
+                 "scene_flow": tracker.scene_flow}
     return {
         "__key__": tracks_key(clip.sequence_id, clip.clip_index),
         "tracks.npz": encode_npz(arrays, npz_level),
