@@ -19,10 +19,8 @@ from wt_datagen.inputs.builtin import make_builtin_assets
 PYBULLET = Path(pybullet_data.getDataPath())
 
 
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
-    """Unit-box normalised meshes of a few built-in and real textured assets."""
-    out = tmp_path_factory.mktemp("assets")
+def normalised_scenes(out: Path) -> dict[str, list[trimesh.Trimesh]]:
+    """Unit-box normalised meshes (world frame) of a few built-in and real textured assets, by asset id."""
     paths = {p.parent.name: p for p in make_builtin_assets(out)}
     chosen = [(paths[n], out) for n in ("mug", "table", "torus_knot", "box_in_box", "thin_plate")]
     chosen += [(PYBULLET / "duck.obj", PYBULLET), (PYBULLET / "soccerball.obj", PYBULLET)]
@@ -32,6 +30,12 @@ def scenes(tmp_path_factory):
         T = asset_to_world(asset.meshes)
         result[asset.asset_id] = [m.copy().apply_transform(T) for m in asset.meshes]
     return result
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    """Unit-box normalised meshes of a few built-in and real textured assets."""
+    return normalised_scenes(tmp_path_factory.mktemp("assets"))
 
 
 def cameras():

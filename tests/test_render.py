@@ -36,7 +36,8 @@ from wt_datagen.schema import decode_sample, encode_npz, encode_sample, sample_k
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {"rgb.png", "layers.npz", "camera.json", "meta.json"}
 META = {"schema_version", "asset_id", "asset_path", "asset_sha256", "asset_to_world", "config_name",
-        "config_hash", "seed", "view_index", "num_layers", "instance_names", "version"}
+        "config_hash", "seed", "view_index", "num_layers", "instance_names", "version",
+        "image"}  # how the image was made: renderer, lighting (issue 14)
 LAYERS = {"depth": np.float32, "valid": np.bool_, "normal": np.float16, "front_facing": np.bool_,
           "face_id": np.int32, "instance_id": np.int32, "num_hits": np.int32}
 
@@ -395,10 +396,10 @@ def test_without_opengl_the_image_falls_back_to_ray_tracing(good_assets, tmp_pat
 
     real = image.render_rgb
 
-    def no_gl(meshes, camera, background=(0, 0, 0), mode="pyrender", hits=None):
+    def no_gl(meshes, camera, mode="pyrender", **kw):
         if mode == "pyrender":
             raise image.GLUnavailable("no offscreen OpenGL context (test)")
-        return real(meshes, camera, background=background, mode=mode, hits=hits)
+        return real(meshes, camera, mode=mode, **kw)
 
     monkeypatch.setattr(image, "render_rgb", no_gl)
     monkeypatch.setattr(image, "_GL_FAILED", False)

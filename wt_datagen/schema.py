@@ -41,9 +41,10 @@ LAYER_DTYPES = {
 }
 # Optional layers.npz fields, written for a clip's frames (README "Sequences and tracks"): ``dynamic`` the
 # crossing's material point moves in the world between this frame and the next; ``next_world_xyz`` its world
-# position at the next frame (``sequences.scene_flow``). A static view has neither.
-LAYER_OPTIONAL = {"dynamic": np.bool_, "next_world_xyz": np.float32}
-LAYER_TRAILING = {"normal": (3,), "next_world_xyz": (3,)}  # shape after (K, H, W); num_hits is (H, W)
+# position at the next frame (``sequences.scene_flow``). A static view has neither. ``albedo`` (config
+# ``outputs: {albedo: true}``, views and frames): the base colour at each crossing, sRGB-encoded.
+LAYER_OPTIONAL = {"dynamic": np.bool_, "next_world_xyz": np.float32, "albedo": np.uint8}
+LAYER_TRAILING = {"normal": (3,), "next_world_xyz": (3,), "albedo": (3,)}  # after (K, H, W); num_hits (H, W)
 VIEW_FILES = ("rgb.png", "layers.npz", "camera.json", "meta.json")  # a view (or a clip's frame)
 CLIP_FILES = ("tracks.npz", "cameras.json", "meta.json")  # a clip's tracks sample
 # required clip track fields; others (query_face, timestamp, ...) are read and allowed
@@ -69,6 +70,8 @@ META_KEYS = (  # every view's meta.json; clip frames add SEQUENCE_META_KEYS
     "version",
 )
 SEQUENCE_META_KEYS = ("sequence_id", "clip_index", "frame_index", "timestamp")
+# written with every view since the image renderers took a lighting (README "meta.json"), absent in older shards
+OPTIONAL_META_KEYS = ("image",)
 _ZIP_DATE = (1 << 5) | 1  # 1980-01-01 in MS-DOS date format: fixed, so the same arrays give the same bytes
 
 
@@ -141,9 +144,10 @@ def cameras_record(sequence_id: str, clip_index: int, trajectory: str, fps: floa
 
 
 def encode_png(rgb: np.ndarray, level: int = 1) -> bytes:
-    """(H, W, 3) uint8 to PNG bytes at zlib ``level``."""
+    """(H, W, 3) uint8 (or (H, W, 4) with straight alpha) to PNG bytes at zlib ``level``."""
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB").save(buf, "PNG", compress_level=level)
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    Image.fromarray(rgb, "RGBA" if rgb.shape[-1] == 4 else "RGB").save(buf, "PNG", compress_level=level)
     return buf.getvalue()
 
 
@@ -208,7 +212,7 @@ def encode_sample(
     """One sample's files.
 
     Args:
-        rgb: (H, W, 3) uint8 image, pixel-aligned with layer 0.
+        rgb: (H, W, 3) uint8 image, pixel-aligned with layer 0; (H, W, 4) with alpha (coverage).
         hits: the caster's ``Hits`` for ``camera`` (K layers).
         meta: the ``meta.json`` record (README schema); ``schema_version`` is added here.
         extra_layers: optional ``layers.npz`` fields (:data:`LAYER_OPTIONAL`), stored in their schema dtypes.
@@ -323,12 +327,13 @@ def decode_npz(data: bytes, name: str, expected: Iterable[str] | None = None, ot
 
 
 def decode_png(data: bytes, name: str = "rgb.png", report: Report = _raise) -> np.ndarray | None:
-    """(H, W, 3) uint8 from PNG bytes (another mode is reported and converted)."""
+    """(H, W, 3) uint8 from PNG bytes, or (H, W, 4) for an RGBA image (a transparent background: alpha is
+    the coverage); another mode is reported and converted to RGB."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            if im.mode != "RGB":
-                report(name, f"image mode {im.mode}, expected RGB")
+            if im.mode not in ("RGB", "RGBA"):
+                report(name, f"image mode {im.mode}, expected RGB or RGBA")
                 im = im.convert("RGB")
             return np.asarray(im)
     except SchemaError:
@@ -354,8 +359,9 @@ def is_clip(files: Iterable[str]) -> bool:
 def decode_files(files: dict[str, bytes], report: Report = _raise, layer_fields: Iterable[str] | None = None,
                  check_files: bool = True) -> dict:
     """The one decoder of a sample: file bytes (``{"rgb.png": bytes, ...}``, webdataset's names without the
-    key) to ``{"rgb": (H, W, 3) uint8, "layers": {field: array}, "camera": dict, "meta": dict}`` for a view,
-    ``{"tracks": {...}, "cameras": record, "meta": dict}`` for a clip's tracks sample.
+    key) to ``{"rgb": (H, W, 3) uint8 (or (H, W, 4) RGBA), "layers": {field: array}, "camera": dict,
+    "meta": dict}`` for a view, ``{"tracks": {...}, "cameras": record, "meta": dict}`` for a clip's tracks
+    sample.
 
     ``layer_fields``: the ``layers.npz`` fields to read (default all of :data:`LAYER_DTYPES`, each required,
     and the :data:`LAYER_OPTIONAL` ones present); a loader that needs two fields inflates two.
@@ -396,7 +402,7 @@ def decode_files(files: dict[str, bytes], report: Report = _raise, layer_fields:
 
 def decode_sample(sample: dict) -> dict:
     """A webdataset-style sample (``{"__key__": key, "rgb.png": bytes, ...}``) to Python values by file:
-    ``.png`` -> (H, W, 3) uint8, ``.npz`` -> dict of arrays, ``.json`` -> parsed; ``__*__`` entries pass
+    ``.png`` -> (H, W, 3) or (H, W, 4) uint8, ``.npz`` -> dict of arrays, ``.json`` -> parsed; ``__*__`` entries pass
     through. No schema rules (see :func:`decode_files`); never unpickles."""
     out = {}
     for name, value in sample.items():

@@ -4,6 +4,8 @@ Two ways to make it:
 - ``mode="pyrender"``: lit, textured rasterisation through pyrender, offscreen (OSMesa on a CPU machine,
   EGL where a GPU exists). The OpenCV camera becomes an OpenGL projection with exactly the same intrinsics:
   in both conventions pixel (u, v) has its centre at (u + 0.5, v + 0.5), so no half-pixel shift is needed.
+  Lit by a :class:`~.lighting.Lighting` (directional and spot lights with shadow maps, the environment as
+  ambient light plus its sun) or, without one, by a head light and ambient.
 - ``mode="raytrace"``: shading of the caster's layer 0 (texture looked up through face id + barycentric
   coordinates), a fallback for machines without OpenGL. It needs no GL and never fails on odd visuals.
 
@@ -19,9 +21,18 @@ import numpy as np
 import trimesh
 
 from ..camera import Camera
+from .lighting import (
+    HEADLIGHT_AMBIENT,
+    HEADLIGHT_INTENSITY,
+    Background,
+    Lighting,
+    background_image,
+    environment_summary,
+    headlight,
+)
+from .materials import DEFAULT_COLOUR, Material, colour_at, material_of
 
-AMBIENT = 0.3  # share of light that does not depend on the normal
-DEFAULT_COLOUR = (0.8, 0.8, 0.8)  # surfaces without colour (pyrender's default material is white-ish too)
+AMBIENT = HEADLIGHT_AMBIENT  # share of light that does not depend on the normal (head-light shading)
 
 
 class GLUnavailable(RuntimeError):
@@ -70,25 +81,37 @@ def _renderer(width: int, height: int):
     return _RENDERERS[key]
 
 
-def _scene(meshes: list[trimesh.Trimesh], key: tuple[int, int]):
-    """A pyrender scene of the meshes: opaque, double-sided materials; cached for the same mesh objects."""
+def _scene(meshes: list[trimesh.Trimesh], key: tuple[int, int], materials: list[Material] | None = None):
+    """A pyrender scene of the meshes: opaque, double-sided materials; cached for the same mesh objects.
+    A randomised material (``source == "random"``) replaces the mesh's own (plain) visuals."""
     cached = _SCENES.get(key)
-    if cached and len(cached[0]) == len(meshes) and all(a is b for a, b in zip(cached[0], meshes)):
+    mats = list(materials) if materials is not None else [None] * len(meshes)
+    if (cached and len(cached[0]) == len(meshes) and all(a is b for a, b in zip(cached[0], meshes))
+            and all(a is b for a, b in zip(cached[2], mats))):
         return cached[1]
     pyrender = _pyrender()
     scene = pyrender.Scene(ambient_light=np.full(3, AMBIENT))
-    for mesh in meshes:
+    for mesh, material in zip(meshes, mats):
         # face colours cannot be smooth-shaded in pyrender; everything else uses vertex normals
         try:
-            pm = pyrender.Mesh.from_trimesh(mesh, smooth=mesh.visual.kind != "face")
+            if material is not None and material.source == "random":
+                pbr = pyrender.MetallicRoughnessMaterial(baseColorFactor=np.asarray(material.base_colour),
+                                                         metallicFactor=material.metallic,
+                                                         roughnessFactor=material.roughness)
+                plain = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+                pm = pyrender.Mesh.from_trimesh(plain, material=pbr, smooth=True)
+            else:
+                pm = pyrender.Mesh.from_trimesh(mesh, smooth=mesh.visual.kind != "face")
         except Exception:  # visuals pyrender cannot take (odd materials): the geometry, plain grey
             pm = pyrender.Mesh.from_trimesh(trimesh.Trimesh(mesh.vertices, mesh.faces, process=False))
         for prim in pm.primitives:
             # the caster sees every surface: no transparency, no back-face culling
             prim.material.alphaMode = "OPAQUE"
             prim.material.doubleSided = True
+        # pyrender's own bounds use np.infty, gone in numpy 2 (its shadow maps ask for the scene's bounds)
+        pm._bounds = np.asarray(mesh.bounds, dtype=np.float64)
         scene.add(pm)
-    _SCENES[key] = (list(meshes), scene)
+    _SCENES[key] = (list(meshes), scene, mats)
     return scene
 
 
@@ -111,13 +134,53 @@ def _near_far(meshes: list[trimesh.Trimesh], camera: Camera, hits=None) -> tuple
     return near, far
 
 
-def _render_gl(meshes, camera: Camera, background, depth_only: bool, hits=None):
+def _look_from(position, target) -> np.ndarray:
+    """(4, 4) pose of an OpenGL-style light or camera at ``position`` whose -z axis points at ``target``."""
+    position, target = np.asarray(position, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    z = position - target
+    z /= np.linalg.norm(z)
+    up = np.array([0.0, 0.0, 1.0]) if abs(z[1]) > 0.99 else np.array([0.0, 1.0, 0.0])
+    x = np.cross(up, z)
+    x /= np.linalg.norm(x)
+    pose = np.eye(4)
+    pose[:3, 0], pose[:3, 1], pose[:3, 2], pose[:3, 3] = x, np.cross(z, x), z, position
+    return pose
+
+
+def _light_nodes(pyrender, scene, lighting: Lighting, camera_pose: np.ndarray, folder) -> list:
+    """Add the lighting's lights to ``scene`` (ambient from the environment, its sun, the extra lights);
+    returns the nodes to remove after rendering."""
+    if lighting.headlight:
+        scene.ambient_light = np.full(3, HEADLIGHT_AMBIENT)
+        return [scene.add(pyrender.DirectionalLight(color=np.ones(3), intensity=HEADLIGHT_INTENSITY),
+                          pose=camera_pose)]
+    ambient, env_lights = environment_summary(lighting.environment, folder)
+    scene.ambient_light = np.asarray(ambient, dtype=np.float64)
+    centre = np.asarray(lighting.centre, dtype=np.float64)
+    nodes = []
+    for light in (*env_lights, *lighting.lights):
+        colour = np.asarray(light.colour, dtype=np.float64)
+        peak = float(colour.max()) or 1.0  # pyrender wants colours in 0..1: the rest goes to the intensity
+        if light.kind == "directional":
+            pose = _look_from(centre + np.asarray(light.direction), centre)
+            node = pyrender.DirectionalLight(color=colour / peak, intensity=light.intensity * peak)
+        else:
+            pose = _look_from(light.position(centre), centre)
+            node = pyrender.SpotLight(color=colour / peak, intensity=light.intensity * peak * light.distance**2,
+                                      innerConeAngle=np.radians(light.inner_deg),
+                                      outerConeAngle=np.radians(light.outer_deg))
+        nodes.append(scene.add(node, pose=pose))
+    return nodes
+
+
+def _render_gl(meshes, camera: Camera, background, depth_only: bool, hits=None, lighting: Lighting | None = None,
+               materials=None, folder=None):
     pyrender = _pyrender()
     renderer = _renderer(camera.width, camera.height)
     clip = _near_far(meshes, camera, hits)
     if clip is None:  # nothing in front of the camera
         return None
-    scene = _scene(meshes, (camera.width, camera.height))
+    scene = _scene(meshes, (camera.width, camera.height), materials)
     scene.bg_color = np.append(np.asarray(background, dtype=np.float64) / 255.0, 1.0)
     K = camera.K
     cam = pyrender.IntrinsicsCamera(K[0, 0], K[1, 1], K[0, 2], K[1, 2], znear=clip[0], zfar=clip[1])
@@ -132,8 +195,16 @@ def _render_gl(meshes, camera: Camera, background, depth_only: bool, hits=None):
     flags = pyrender.RenderFlags.SKIP_CULL_FACES
     if depth_only:
         flags |= pyrender.RenderFlags.DEPTH_ONLY
-    else:  # a head light: every visible surface is lit
-        nodes.append(scene.add(pyrender.DirectionalLight(color=np.ones(3), intensity=3.0), pose=pose))
+    else:
+        lighting = lighting if lighting is not None else headlight(Background("colour"))
+        try:
+            nodes += _light_nodes(pyrender, scene, lighting, pose, folder)
+        except Exception:
+            for node in nodes:
+                scene.remove_node(node)
+            raise
+        if lighting.shadows and not lighting.headlight:
+            flags |= pyrender.RenderFlags.SHADOWS_DIRECTIONAL | pyrender.RenderFlags.SHADOWS_SPOT
     try:
         return renderer.render(scene, flags=flags)
     except Exception as e:
@@ -143,50 +214,80 @@ def _render_gl(meshes, camera: Camera, background, depth_only: bool, hits=None):
             scene.remove_node(node)
 
 
+def composite(rgb: np.ndarray, covered: np.ndarray, lighting: Lighting | None, camera: Camera,
+              folder=None) -> np.ndarray:
+    """The stored image from a rendering ``rgb`` (H, W, 3) uint8 and its (H, W) bool coverage: the
+    environment painted where nothing is (``environment``), an RGBA image (``transparent``), or ``rgb``
+    as it is (a colour background was rendered already)."""
+    mode = "colour" if lighting is None else lighting.background.mode
+    if mode == "environment":
+        return np.where(covered[..., None], rgb, background_image(lighting, camera, folder))
+    if mode == "transparent":
+        return np.concatenate([rgb, np.where(covered, 255, 0).astype(np.uint8)[..., None]], axis=-1)
+    return rgb
+
+
 def render_rgb(
     meshes: list[trimesh.Trimesh],
     camera: Camera,
     background=(0, 0, 0),
     mode: str = "pyrender",
     hits=None,
+    lighting: Lighting | None = None,
+    materials: list[Material] | None = None,
+    folder=None,
 ) -> np.ndarray:
-    """(H, W, 3) uint8 image of the meshes (world coordinates) seen by ``camera``.
+    """(H, W, 3) uint8 image of the meshes (world coordinates) seen by ``camera``; (H, W, 4) for a
+    transparent background.
 
-    background: RGB in 0..255. mode: "pyrender" (needs OpenGL; raises :class:`GLUnavailable` without it)
-    or "raytrace" (needs ``hits``, the caster's :class:`~wt_datagen.cast.Hits` for this camera and these
-    meshes, in the same order). pyrender keeps the uploaded scene for the same mesh objects, so do not
-    modify meshes in place between calls (transform copies, or transform before the first call).
+    background: RGB in 0..255 (without ``lighting``; with one, its background rules). mode: "pyrender"
+    (needs OpenGL; raises :class:`GLUnavailable` without it) or "raytrace" (needs ``hits``, the caster's
+    :class:`~wt_datagen.cast.Hits` for this camera and these meshes, in the same order). lighting: the
+    view's :class:`~.lighting.Lighting` (None: head light and ambient); materials: the meshes'
+    :class:`~.materials.Material` (randomised ones are drawn with their drawn colour); folder: the
+    environments folder of an image environment. pyrender keeps the uploaded scene for the same mesh
+    objects, so do not modify meshes in place between calls (transform copies, or transform before the first
+    call).
     """
+    if lighting is not None and lighting.background.mode == "colour":
+        background = lighting.background.colour
     bg = np.clip(np.asarray(background, dtype=np.float64).reshape(3), 0, 255)
+    if lighting is not None and lighting.background.mode != "colour":
+        bg = np.zeros(3)
     if mode == "raytrace":
         if hits is None:
             raise ValueError("render_rgb: mode 'raytrace' needs the caster's hits")
-        return shade_layer0(meshes, camera, hits, bg)
+        rgb = shade_layer0(meshes, camera, hits, bg, materials)
+        return composite(rgb, np.asarray(hits.valid[0], dtype=bool), lighting, camera, folder)
     if mode != "pyrender":
         raise ValueError(f"render_rgb: mode must be 'pyrender' or 'raytrace', got {mode!r}")
-    out = _render_gl(meshes, camera, bg, depth_only=False, hits=hits)
+    out = _render_gl(meshes, camera, bg, depth_only=False, hits=hits, lighting=lighting, materials=materials,
+                     folder=folder)
     if out is None:
-        return np.broadcast_to(bg.round().astype(np.uint8), (camera.height, camera.width, 3)).copy()
-    return np.ascontiguousarray(out[0][..., :3])
+        rgb = np.broadcast_to(bg.round().astype(np.uint8), (camera.height, camera.width, 3)).copy()
+        return composite(rgb, np.zeros(rgb.shape[:2], bool), lighting, camera, folder)
+    return composite(np.ascontiguousarray(out[0][..., :3]), out[1] > 0, lighting, camera, folder)
 
 
 _GL_FAILED = False  # this process found OpenGL unusable once: go straight to the fallback afterwards
 
 
 def view_image(meshes, camera: Camera, hits, renderer: str = "pyrender", fallback: str = "raytrace",
-               background=(0, 0, 0)) -> tuple[np.ndarray, str]:
-    """(H, W, 3) uint8 image of a view and the renderer that made it: ``renderer`` ("pyrender" or
-    "raytrace"), falling back to ray tracing when OpenGL is unusable and ``fallback`` is "raytrace"; with
-    ``fallback`` "none" that raises ValueError (a per-item problem)."""
+               background=(0, 0, 0), lighting: Lighting | None = None, materials: list[Material] | None = None,
+               folder=None) -> tuple[np.ndarray, str]:
+    """(H, W, 3) (or (H, W, 4) transparent) uint8 image of a view and the renderer that made it:
+    ``renderer`` ("pyrender" or "raytrace"), falling back to ray tracing when OpenGL is unusable and
+    ``fallback`` is "raytrace"; with ``fallback`` "none" that raises ValueError (a per-item problem)."""
     global _GL_FAILED
+    kw = {"background": background, "hits": hits, "lighting": lighting, "materials": materials, "folder": folder}
     if renderer == "pyrender" and not _GL_FAILED:
         try:
-            return render_rgb(meshes, camera, background=background, mode="pyrender", hits=hits), "pyrender"
+            return render_rgb(meshes, camera, mode="pyrender", **kw), "pyrender"
         except GLUnavailable as e:
             if fallback == "none":
                 raise ValueError(f"OpenGL unavailable and image.fallback is none ({e})") from None
             _GL_FAILED = True
-    return render_rgb(meshes, camera, background=background, mode="raytrace", hits=hits), "raytrace"
+    return render_rgb(meshes, camera, mode="raytrace", **kw), "raytrace"
 
 
 def render_depth(meshes: list[trimesh.Trimesh], camera: Camera) -> np.ndarray:
@@ -201,67 +302,20 @@ def render_depth(meshes: list[trimesh.Trimesh], camera: Camera) -> np.ndarray:
 # Ray-traced fallback
 
 
-def _sample_bilinear(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
-    """(N, C) samples of an (h, w, C) float32 image at (N, 2) uv (v up, texture repeats), texel centres."""
-    h, w = image.shape[:2]
-    flat = image.reshape(h * w, -1)
-    uv = np.nan_to_num(uv.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    x = uv[:, 0] * w - 0.5
-    y = (1.0 - uv[:, 1]) * h - 0.5
-    x0, y0 = np.floor(x), np.floor(y)
-    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
-    x0, y0 = x0.astype(np.int64) % w, y0.astype(np.int64) % h
-    x1, y1 = (x0 + 1) % w, (y0 + 1) % h
-    top = flat[y0 * w + x0] * (1 - fx) + flat[y0 * w + x1] * fx
-    bottom = flat[y1 * w + x0] * (1 - fx) + flat[y1 * w + x1] * fx
-    return top * (1 - fy) + bottom * fy
-
-
-def _surface_colour(mesh: trimesh.Trimesh, face: np.ndarray, bary: np.ndarray) -> np.ndarray:
-    """(N, 3) float RGB in 0..1 of the mesh's surface at (N,) faces and (N, 2) barycentric coordinates."""
-    n = len(face)
-    face = np.clip(face, 0, max(len(mesh.faces) - 1, 0))
-    w = np.column_stack([1.0 - bary[:, 0] - bary[:, 1], bary[:, 0], bary[:, 1]])  # (N, 3) vertex weights
-    tri = np.asarray(mesh.faces)[face]  # (N, 3) vertex indices
-    visual = mesh.visual
-    kind = visual.kind
-    if kind == "texture":
-        material = visual.material
-        if isinstance(material, trimesh.visual.material.PBRMaterial):
-            image, factor = material.baseColorTexture, material.baseColorFactor
-        else:
-            image, factor = getattr(material, "image", None), getattr(material, "diffuse", None)
-        factor = np.ones(3) if factor is None else np.asarray(factor, dtype=np.float64)[:3] / 255.0
-        uv = visual.uv
-        if image is None or uv is None or len(uv) != len(mesh.vertices):
-            return np.broadcast_to(factor, (n, 3)).copy()
-        texels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-        uv_hit = np.einsum("nkc,nk->nc", np.asarray(uv, dtype=np.float64)[tri], w)
-        return _sample_bilinear(texels, uv_hit) * factor
-    if kind == "vertex":
-        colours = np.asarray(visual.vertex_colors, dtype=np.float64)[:, :3] / 255.0
-        return np.einsum("nkc,nk->nc", colours[tri], w)
-    if kind == "face":
-        return np.asarray(visual.face_colors, dtype=np.float64)[face, :3] / 255.0
-    return np.broadcast_to(np.asarray(DEFAULT_COLOUR), (n, 3)).copy()
-
-
-def shade_layer0(meshes: list[trimesh.Trimesh], camera: Camera, hits, background) -> np.ndarray:
+def shade_layer0(meshes: list[trimesh.Trimesh], camera: Camera, hits, background,
+                 materials: list[Material] | None = None) -> np.ndarray:
     """(H, W, 3) uint8 Lambert shading (head light, ``AMBIENT`` ambient) of the caster's layer 0.
 
     hits: the caster's Hits for ``camera`` on ``meshes`` (instance ids index ``meshes``). background: RGB
-    0..255 for pixels without a hit.
+    0..255 for pixels without a hit. Colours: :func:`~.materials.surface_colour` in display values.
     """
     H, W = camera.height, camera.width
     valid = np.asarray(hits.valid[0], dtype=bool)
-    inst = np.asarray(hits.instance_id[0])
-    face = np.asarray(hits.face_id[0])
-    bary = np.nan_to_num(np.asarray(hits.bary[0], dtype=np.float64).reshape(H, W, 2))
+    materials = [material_of(m) for m in meshes] if materials is None else materials
     colour = np.broadcast_to(np.asarray(DEFAULT_COLOUR), (H, W, 3)).copy()
-    for i, mesh in enumerate(meshes):
-        sel = valid & (inst == i)
-        if sel.any():
-            colour[sel] = _surface_colour(mesh, face[sel], bary[sel])
+    bary = np.nan_to_num(np.asarray(hits.bary[0], dtype=np.float64).reshape(H, W, 2))
+    colour[valid] = colour_at(materials, meshes, np.asarray(hits.instance_id[0])[valid],
+                              np.asarray(hits.face_id[0])[valid], bary[valid])
     rays = camera.pixel_rays()
     rays /= np.linalg.norm(rays, axis=-1, keepdims=True)
     cosine = np.abs(np.sum(np.nan_to_num(np.asarray(hits.normal[0], dtype=np.float64)) * rays, axis=-1))

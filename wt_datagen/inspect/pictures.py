@@ -67,11 +67,27 @@ def contact_sheet(sample: Sample, out_png, background: np.ndarray | None = None)
     K = L["depth"].shape[0] if have else 0
     dyn = L.get("dynamic") if have else None
     dyn = dyn if dyn is not None and dyn.shape == L["depth"].shape else None
-    plt, fig, axes = _panel_grid(1 + K + 4 + (dyn is not None))
+    albedo = L.get("albedo") if have and "albedo" in L and L["albedo"].shape == L["depth"].shape + (3,) else None
+    lighting = _lighting(sample.meta)
+    extra = (lighting is not None) + (0 if albedo is None else min(K, 2))
+    plt, fig, axes = _panel_grid(1 + K + 4 + (dyn is not None) + extra)
     if sample.rgb is not None:
-        _show(axes[0], sample.rgb, "rgb.png")
+        rgb = sample.rgb
+        if rgb.ndim == 3 and rgb.shape[-1] == 4:  # transparent background: over a checkerboard
+            yy, xx = np.indices(rgb.shape[:2]) // 8
+            board = np.where(((yy + xx) % 2 == 0)[..., None], 200, 150).astype(np.float32)
+            a = rgb[..., 3:] / 255.0
+            rgb = (rgb[..., :3] * a + board * (1 - a)).astype(np.uint8)
+        _show(axes[0], rgb, "rgb.png" + (" (alpha over a checkerboard)" if sample.rgb.shape[-1] == 4 else ""))
     else:
         axes[0].set_title("rgb.png: unreadable", fontsize=9)
+    n = 1 + K + 4 + (dyn is not None)  # after the layer panels (and the dynamic one)
+    if albedo is not None:
+        for k in range(min(K, 2)):
+            _show(axes[n + k], np.where(L["valid"][k][..., None], albedo[k], 255), f"albedo layer {k}")
+        n += min(K, 2)
+    if lighting is not None:
+        _lighting_panel(axes[n], lighting)
     if not have:
         axes[1].set_title("layers.npz: unreadable", fontsize=9)
     else:
@@ -124,6 +140,45 @@ def contact_sheet(sample: Sample, out_png, background: np.ndarray | None = None)
     fig.savefig(out_png, dpi=80)
     plt.close(fig)
     return out_png
+
+
+def _lighting(meta) -> dict | None:
+    """The ``image`` record of ``meta.json`` if it holds a lighting (views rendered since issue 14)."""
+    rec = meta.get("image") if isinstance(meta, dict) else None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("lighting"), dict) else None
+
+
+def _lighting_panel(ax, record: dict) -> None:
+    """The drawn lighting: the environment's latitude-longitude thumbnail stored in ``meta.json`` (azimuth
+    across, zenith at the top), every light and the sun as a dot of its colour, the background named."""
+    lighting = record["lighting"]
+    env = lighting.get("environment", {})
+    thumb = record.get("environment_thumbnail")
+    try:
+        h, w = int(thumb["height"]), int(thumb["width"])
+        img = np.frombuffer(bytes.fromhex(thumb["rgb"]), np.uint8).reshape(h, w, 3)
+    except (TypeError, KeyError, ValueError):
+        h, w, img = 16, 32, np.full((16, 32, 3), 128, np.uint8)
+    ax.set_axis_on()
+    ax.imshow(img, extent=(0, w, h, 0), interpolation="bilinear")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    lights = [(x.get("kind", "?"), x.get("direction"), x.get("colour")) for x in lighting.get("lights", [])]
+    if env.get("kind") == "sunsky":
+        lights.append(("sun", env.get("sun_direction"), (1.0, 0.9, 0.5)))
+    for kind, d, colour in lights:
+        try:
+            d, colour = np.asarray(d, dtype=np.float64), np.asarray(colour, dtype=np.float64)
+            u = (np.arctan2(d[0], -d[2]) / (2 * np.pi)) % 1.0  # the thumbnail's (Mitsuba's) convention
+            v = np.arccos(np.clip(d[1], -1, 1)) / np.pi
+        except (TypeError, ValueError, IndexError):
+            continue
+        ax.scatter([u * w], [v * h], s=40, color=np.clip(colour / max(colour.max(), 1e-9), 0, 1),
+                   edgecolors="black", linewidths=0.8)
+        ax.annotate(str(kind)[:3], (u * w, v * h), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    what = env.get("kind", "?") + (f" {env.get('file')}" if env.get("kind") == "image" else "")
+    bg = lighting.get("background", {}).get("mode", "?")
+    ax.set_title(f"lighting: {what}, {len(lighting.get('lights', []))} lights; background {bg}", fontsize=8)
 
 
 def _clip_sheet(sample: Sample, out_png: Path, background, title: str) -> None:

@@ -108,6 +108,8 @@ def _check_layers(s: Sample, cam: Camera | None) -> None:
         _count(s, f"layers.npz:{name}", (a < 0) != invalid, "id < 0 where valid or != -1 where invalid")
         _count(s, f"layers.npz:{name}", a < -1, "id below -1")
     _count(s, "layers.npz:front_facing", invalid & L["front_facing"], "front_facing where invalid")
+    if "albedo" in L:  # optional (outputs: albedo): colour exactly where there is a crossing
+        _count(s, "layers.npz:albedo", invalid & L["albedo"].any(axis=-1), "nonzero albedo where invalid")
     _check_motion_masks(s, invalid)
     # float16 bits without the sign are 0 exactly for +-0; integer ORs of the three components are far
     # cheaper than float16 maths or a reduction over the short last axis
@@ -200,9 +202,9 @@ def _check_view(s: Sample, shape_ok: bool) -> None:
         inst = s.layers["instance_id"]
         max_inst = int(inst.max()) if inst.size else None
     if s.rgb is not None and cam is not None:
-        if s.rgb.dtype != np.uint8 or s.rgb.shape != (cam.height, cam.width, 3):
+        if s.rgb.dtype != np.uint8 or s.rgb.shape not in ((cam.height, cam.width, 3), (cam.height, cam.width, 4)):
             s.problem(
-                "rgb.png", f"{s.rgb.dtype} {s.rgb.shape}, expected uint8 ({cam.height}, {cam.width}, 3)"
+                "rgb.png", f"{s.rgb.dtype} {s.rgb.shape}, expected uint8 ({cam.height}, {cam.width}, 3 or 4)"
             )
     if s.meta is not None:
         _check_meta(s, K, max_inst)

@@ -18,6 +18,9 @@ from typing import Literal
 
 import yaml
 
+from ..image.lighting import LightingConfig
+from ..image.materials import MaterialConfig
+
 
 class ConfigError(ValueError):
     """A config file that cannot be used: the message names the file and the key."""
@@ -59,12 +62,35 @@ class AssetConfig:
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """The RGB input: ``renderer`` pyrender (OpenGL) or raytrace (shading of layer 0); where OpenGL is
-    unavailable ``fallback: raytrace`` uses the ray tracer instead, ``none`` skips the asset."""
+    """The RGB input. ``renderer``: pyrender (OpenGL rasteriser, the fast default), mitsuba (Mitsuba 3 path
+    tracer: the ``mitsuba`` extra) or raytrace (shading of layer 0); where OpenGL is unavailable
+    ``fallback: raytrace`` uses the ray tracer instead of pyrender, ``none`` skips the asset.
 
-    renderer: Literal["pyrender", "raytrace"] = "pyrender"
+    ``background``: ``environment`` (the lighting's environment is seen), ``random`` (a colour drawn per
+    view), ``transparent`` (an RGBA ``rgb.png`` whose alpha is the coverage) or an RGB triple in 0..255.
+    ``spp``, ``max_depth``: Mitsuba's samples per pixel and path length; ``mitsuba_variant``: ``auto``
+    (``cuda_ad_rgb`` with a GPU, else ``scalar_rgb``) or a variant by name. ``environments``: a folder of
+    equirectangular ``.hdr``/``.exr``/``.png``/``.jpg`` images for the ``image`` environment kind.
+    ``lighting``: the per-view lighting (:class:`~wt_datagen.image.lighting.LightingConfig`); ``materials``:
+    seeded materials for meshes without any (:class:`~wt_datagen.image.materials.MaterialConfig`)."""
+
+    renderer: Literal["pyrender", "raytrace", "mitsuba"] = "pyrender"
     fallback: Literal["raytrace", "none"] = "raytrace"
-    background: tuple[int, int, int] = (0, 0, 0)
+    background: tuple[int, int, int] | Literal["environment", "random", "transparent"] = (0, 0, 0)
+    spp: int = 16
+    max_depth: int = 4
+    mitsuba_variant: Literal["auto", "scalar_rgb", "cuda_ad_rgb", "llvm_ad_rgb"] = "auto"
+    environments: str = ""
+    lighting: LightingConfig = field(default_factory=LightingConfig)
+    materials: MaterialConfig = field(default_factory=MaterialConfig)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Optional outputs: ``albedo`` adds the base colour at every crossing to ``layers.npz`` (uint8
+    (K, H, W, 3), sRGB-encoded)."""
+
+    albedo: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,6 +163,7 @@ class RenderConfig:
     shards: ShardConfig = field(default_factory=ShardConfig)
     encoding: EncodingConfig = field(default_factory=EncodingConfig)
     sequences: SequenceConfig = field(default_factory=SequenceConfig)
+    outputs: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -202,11 +229,21 @@ def _coerce(tp, value, key: str, path: Path):
         return value
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # a list of any length
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{path}: key '{key}' must be a list, got {value!r}")
+            return tuple(_coerce(args[0], v, key, path) for v in value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{path}: key '{key}' must be a list of {len(args)} numbers, got {value!r}")
         return tuple(_coerce(a, v, key, path) for a, v in zip(args, value))
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported config type {tp}")  # keep the schema to plain types
+    if origin in (typing.Union, types.UnionType):  # one of a few plain forms (e.g. a name or an RGB triple)
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(option, value, key, path)
+            except ConfigError:
+                continue
+        forms = " or ".join(_describe(option) for option in typing.get_args(tp))
+        raise ConfigError(f"{path}: key '{key}' must be {forms}, got {value!r}")
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -216,6 +253,14 @@ def _coerce(tp, value, key: str, path: Path):
     if not ok:
         raise ConfigError(f"{path}: key '{key}' must be {tp.__name__}, got {value!r}")
     return float(value) if tp is float else value
+
+
+def _describe(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + str(list(typing.get_args(tp)))
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {len(typing.get_args(tp))} numbers"
+    return getattr(tp, "__name__", str(tp))
 
 
 def _check_values(cfg: RenderConfig, path: Path) -> None:
@@ -241,8 +286,20 @@ def _check_values(cfg: RenderConfig, path: Path) -> None:
         need(-90 < a and b < 90, f"cameras.{key}", "must lie in (-90, 90)", [a, b])
     need(0 <= c.inside_fraction <= 1, "cameras.inside_fraction", "must be in [0, 1]", c.inside_fraction)
     need(c.target_jitter >= 0, "cameras.target_jitter", "must be non-negative", c.target_jitter)
-    need(all(0 <= v <= 255 for v in cfg.image.background), "image.background", "must be 3 values in 0..255",
-         list(cfg.image.background))
+    im = cfg.image
+    if not isinstance(im.background, str):
+        need(all(0 <= v <= 255 for v in im.background), "image.background", "must be 3 values in 0..255",
+             list(im.background))
+    need(im.spp >= 1, "image.spp", "must be at least 1", im.spp)
+    need(im.max_depth >= 1, "image.max_depth", "must be at least 1", im.max_depth)
+    for key, what, value in im.lighting.problems():
+        need(False, f"image.lighting.{key}", what, value)
+    need(not (set(im.lighting.environment_kinds) == {"image"} and not im.environments),
+         "image.lighting.environment_kinds", "holds only 'image', which needs image.environments (a folder)",
+         list(im.lighting.environment_kinds))
+    for key in ("saturation", "value", "roughness", "metallic"):
+        a, b = getattr(im.materials, key)
+        need(0 <= a <= b <= 1, f"image.materials.{key}", "must be [low, high] within [0, 1]", [a, b])
     need(cfg.assets.max_faces >= 1, "assets.max_faces", "must be at least 1", cfg.assets.max_faces)
     need(cfg.assets.up_axis in ("y", "z"), "assets.up_axis", "must be y or z", cfg.assets.up_axis)
     need(cfg.shards.max_samples >= 1, "shards.max_samples", "must be at least 1", cfg.shards.max_samples)

@@ -33,7 +33,7 @@ from ..schema import (
 )
 from .cameras import make_clip
 from .config import RenderConfig
-from .items import Clock, ItemResult, ProgressFn, WorkItem, caster_threads, item_image
+from .items import Clock, ItemResult, ProgressFn, WorkItem, caster_threads, item_lighting, item_materials, view_outputs
 from .shards import ItemStatus
 
 
@@ -121,17 +121,21 @@ def render_sequence(item: WorkItem, cfg: RenderConfig, asset_dir: str, progress:
                                                      num_threads=caster_threads(cfg)),
                               query_every=q.query_every, scene_flow=q.scene_flow, dynamic_rtol=q.dynamic_rtol,
                               backfill_bytes=q.backfill_memory_mb << 20)
+        # one lighting per clip (a video does not flicker), drawn with its first camera and its bounds
+        lighting = item_lighting(cfg, seq.sequence_id, c, clip.cameras[0], seq.world_bounds())
         clock.lap("load")
         for frame in tracker.frames():
             clock.lap("frames")
-            rgb, image_mode = item_image(frame.meshes, frame.camera, frame.hits, cfg)
+            materials = item_materials(frame.meshes, cfg, seq.sequence_id)
+            key = frame_key(seq.sequence_id, c, frame.frame_index)
+            rgb, image_mode, image_meta, extra = view_outputs(frame.meshes, materials, frame.camera, frame.hits,
+                                                              lighting, cfg, key)
             clock.lap("image")
             frame_meta = {**meta, "view_index": frame.t, "clip_index": c, "frame_index": frame.frame_index,
                           "timestamp": frame.timestamp, "next_frame_index": frame.next_frame_index,
-                          "dynamic_tolerance": tracker.tolerance, "query_stride": q.query_stride}
-            spool.write(encode_sample(frame_key(seq.sequence_id, c, frame.frame_index), rgb, frame.hits, frame.camera,
-                                      frame_meta, cfg.encoding.png_level, cfg.encoding.npz_level,
-                                      frame.extra_layers()))
+                          "dynamic_tolerance": tracker.tolerance, "query_stride": q.query_stride, "image": image_meta}
+            spool.write(encode_sample(key, rgb, frame.hits, frame.camera, frame_meta, cfg.encoding.png_level,
+                                      cfg.encoding.npz_level, {**frame.extra_layers(), **extra}))
             clock.lap("encode")
             progress(item.rel_path, 1)
         spool.write(tracks_sample(tracker, meta, cfg.encoding.npz_level))

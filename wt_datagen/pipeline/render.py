@@ -20,7 +20,7 @@ from ..console import Progress
 from ..inputs.assets import AssetError
 from .config import ConfigError, RenderConfig, load_config
 from .executors import ExecutorError, execute_local, part_name, ray_executor, select_part
-from .items import ItemResult, WorkItem
+from .items import ItemResult, WorkItem, check_image_setup
 from .plan import plan_items, planned_views
 from .shards import ItemStatus, ResumeError, ShardSet, WrittenShard
 
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("views", "resolution", "layers", "seed", "workers")}
     try:
         cfg = load_config(args.config, overrides)
+        image = check_image_setup(cfg)  # Mitsuba, environment images: fail now, not half-way
         if args.limit is not None and args.limit < 1:
             raise ConfigError(f"--limit must be at least 1, got {args.limit}")
         items = plan_items(args.asset_dir, args.limit)
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if not mine:  # more parts than assets
         print(f"part {args.shard_index} of {args.num_shards}: no assets fall in it")
         return 0
-    return _summary(mine, shards, stats, strict=args.strict)
+    return _summary(mine, shards, stats, strict=args.strict, image=image)
 
 
 def run_items(todo: list[WorkItem], cfg: RenderConfig, asset_dir: str, shards: ShardSet,
@@ -147,7 +148,7 @@ def run_items(todo: list[WorkItem], cfg: RenderConfig, asset_dir: str, shards: S
     return stats
 
 
-def _summary(items: list[WorkItem], shards: ShardSet, stats: dict, strict: bool) -> int:
+def _summary(items: list[WorkItem], shards: ShardSet, stats: dict, strict: bool, image: str = "") -> int:
     statuses = {**shards.failed, **shards.statuses}
     by = Counter(statuses[it.rel_path].status for it in items if it.rel_path in statuses)
     wall, n = stats["wall"], stats["samples"]
@@ -156,6 +157,11 @@ def _summary(items: list[WorkItem], shards: ShardSet, stats: dict, strict: bool)
     shares = ", ".join(f"{k} {100 * v / work:.0f}%" for k, v in sorted(sec.items()))
     print(f"this run: {n} samples in {wall:.1f} s, {n / max(wall, 1e-9):.2f} samples/s"
           + (f" (worker time: {shares})" if sec else ""))
+    made = Counter(statuses[it.rel_path].image for it in items if it.rel_path in statuses
+                   and statuses[it.rel_path].image)
+    if made:
+        print(f"images: {image or '?'} asked; made by " + ", ".join(f"{k.replace('/', ' ')} ({v} items)"
+                                                                  for k, v in sorted(made.items())))
     total_samples = sum(s.samples for s in shards.shards)
     print(f"dataset: {by['rendered']} assets rendered, {by['skipped']} skipped, {by['failed']} failed, "
           f"{len(items) - sum(by.values())} not done; {total_samples} samples in {len(shards.shards)} shards "

@@ -10,7 +10,7 @@ from ..inputs.assets import asset_to_world, load_asset
 from ..schema import encode_sample, meta_record, sample_key
 from .cameras import view_camera
 from .config import RenderConfig
-from .items import Clock, ItemResult, ProgressFn, WorkItem, caster_threads, item_image
+from .items import Clock, ItemResult, ProgressFn, WorkItem, caster_threads, item_lighting, item_materials, view_outputs
 from .shards import ItemStatus
 
 
@@ -29,6 +29,7 @@ def render_asset(item: WorkItem, cfg: RenderConfig, asset_dir: str, progress: Pr
     meta = meta_record(asset_id=asset.asset_id, asset_path=asset.rel_path, asset_sha256=asset.sha256,
                        asset_to_world=to_world, config_name=cfg.name, config_hash=cfg.hash, seed=cfg.seed,
                        num_layers=cfg.layers, instance_names=asset.names, version=__version__)
+    materials = item_materials(asset.meshes, cfg, asset.asset_id)
     samples, image_mode = [], ""
     # Encoding (numpy conversions, deflate, PNG: mostly outside the GIL) of view i runs in a thread while
     # view i + 1 is cast and imaged; one view in flight bounds the memory.
@@ -38,13 +39,17 @@ def render_asset(item: WorkItem, cfg: RenderConfig, asset_dir: str, progress: Pr
             camera = view_camera(cfg.cameras, cfg.seed, asset.asset_id, view, bounds, cfg.resolution)
             hits = caster.cast(camera, cfg.layers)
             clock.lap("cast")
-            rgb, image_mode = item_image(asset.meshes, camera, hits, cfg)
+            lighting = item_lighting(cfg, asset.asset_id, view, camera, bounds)
+            key = sample_key(asset.asset_id, view)
+            rgb, image_mode, image_meta, extra = view_outputs(asset.meshes, materials, camera, hits, lighting,
+                                                              cfg, key)
             clock.lap("image")
             if pending is not None:
                 samples.append(pending.result())
                 progress(item.rel_path, 1)
-            pending = encoder.submit(encode_sample, sample_key(asset.asset_id, view), rgb, hits, camera,
-                                     {**meta, "view_index": view}, cfg.encoding.png_level, cfg.encoding.npz_level)
+            pending = encoder.submit(encode_sample, key, rgb, hits, camera,
+                                     {**meta, "view_index": view, "image": image_meta}, cfg.encoding.png_level,
+                                     cfg.encoding.npz_level, extra)
             clock.lap("encode")
         samples.append(pending.result())
         clock.lap("encode")
