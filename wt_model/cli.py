@@ -16,8 +16,9 @@ from wt_model.encoder import EncoderError
 
 COMMANDS = {
     "train": ("wt_model.train", "train a WT-DiT on layered shards (also under torchrun)"),
-    "sample": ("wt_model.sampler", "sample layered pointmaps from images: npz + PLY"),
-    "eval": ("wt_model.metrics", "score a checkpoint on shards (scale-aligned depth, Chamfer, F-score, IoU)"),
+    "sample": ("wt_model.sampler", "sample layered pointmaps from images or a video: npz + PLY"),
+    "eval": ("wt_model.clip_metrics", "score a checkpoint on shards (scale-aligned depth, Chamfer, F-score, IoU; "
+             "--clips: temporal consistency on tracks)"),
     "stats": ("wt_model.stats", "dataset statistics (per-axis mean, std of the points) for --norm zscore"),
 }
 

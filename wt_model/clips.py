@@ -7,8 +7,9 @@ What the loader assumes, and checks as it reads:
 - The tracks sample's ``cameras.json`` lists the clip's frames (``frame_index``) and each of them came
   before it exactly once.
 A clip that breaks this (split across shards, a frame missing, repeated or out of order, frames with no
-tracks sample, a tracks sample with no frames, a clip seen twice in one shard) stops the stream with a
-one-line :class:`DataError` naming the shard and the clip. Static views in the same shards are passed over.
+tracks sample, a tracks sample with no frames) stops the stream with a one-line :class:`DataError` naming the
+shard and the clip. Static views in the same shards are passed over. (A clip met again later, a shard read
+twice in a row by an endless stream, is simply a new clip.)
 
 Memory: one clip's encoded files at a time (its tracks come last, so a clip is grouped before its windows
 are cut); nothing else is held, whatever the dataset's size.
@@ -33,12 +34,26 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
+import torch
 import webdataset as wds
 
+from wt_datagen.camera import Camera
 from wt_datagen.schema import SchemaError, decode_files, decode_json, parse_clip_key
-from wt_model.data import DataError, ShardInfo, decode_view, median_depth, view_arrays
+from wt_model.data import (
+    DataError,
+    LoaderConfig,
+    Normalisation,
+    ShardInfo,
+    asset_of,
+    decode_view,
+    is_heldout,
+    median_depth,
+    train_loader,
+    view_arrays,
+)
 
 
 @dataclass(frozen=True)
@@ -91,7 +106,7 @@ def group_clips(samples: Iterable[dict]) -> Iterator[RawClip]:
     """Raw webdataset samples (``__key__``, ``__url__``, file bytes) in shard order -> complete clips, each
     yielded as soon as its tracks sample is read. Static views are passed over; the assumptions in the module
     docstring are checked (one-line :class:`DataError`)."""
-    url, prefix, frames, index, closed = None, None, [], [], set()
+    url, prefix, frames, index = None, None, [], []
     layout = "a clip's frames and tracks sample must be consecutive in one shard (split or incomplete clip)"
 
     def fail(message: str):
@@ -103,7 +118,7 @@ def group_clips(samples: Iterable[dict]) -> Iterator[RawClip]:
         if s.get("__url__") != url:
             if frames:
                 fail(f"{_frame_range(index)} and no tracks sample before the shard ends; {layout}")
-            url, closed = s.get("__url__"), set()
+            url = s.get("__url__")
         if parsed is None:  # a static view
             if frames:
                 fail(f"{_frame_range(index)} followed by {key} instead of its tracks sample; {layout}")
@@ -111,8 +126,6 @@ def group_clips(samples: Iterable[dict]) -> Iterator[RawClip]:
         if frames and parsed[0] != prefix:
             fail(f"{_frame_range(index)} followed by {key} instead of its tracks sample; {layout}")
         prefix, frame = parsed
-        if prefix in closed:
-            fail(f"{key} comes after the clip's tracks sample; {layout}")
         if frame is not None:
             if index and frame <= index[-1]:
                 fail(f"frame f{frame:04d} after f{index[-1]:04d}: frames must be in increasing order, each once")
@@ -133,7 +146,6 @@ def group_clips(samples: Iterable[dict]) -> Iterator[RawClip]:
                     if extra else "frames are in another order than its tracks")
             fail(f"cameras.json lists {len(listed)} frames, the shard holds {_frame_range(index)}: {what}; {layout}")
         yield RawClip(url, prefix, frames, index, s)
-        closed.add(prefix)
         frames, index = [], []
     if frames:
         fail(f"{_frame_range(index)} and no tracks sample before the data ends; {layout}")
@@ -158,19 +170,36 @@ def window_samples(cfg: ClipConfig):
     return stage
 
 
-def decode_window(window: dict, image_size: int, num_layers: int, with_tracks: bool = False) -> dict:
+def decode_window(window: dict, image_size: int, num_layers: int, norm: Normalisation | None = None,
+                  with_tracks: bool = False) -> dict:
     """An undecoded window -> the arrays described in the module docstring."""
     views = [decode_view(s, image_size, num_layers) for s in window["frames"]]
     scale = median_depth(views)  # one normalisation for the whole window
-    frames = [view_arrays(v, scale) for v in views]
+    frames = [view_arrays(v, scale, norm) for v in views]
     out = {k: np.stack([f[k] for f in frames]) for k in ("rgb", "points", "valid")}
     out["scale"] = np.array(scale, dtype=np.float32)
-    out["intrinsics"] = np.stack([v.camera.K for v in views])
-    out["world_to_cam"] = np.stack([v.camera.world_to_cam for v in views])
+    own = np.array([median_depth([v]) for v in views])  # each frame's own median-log scale
+    ratio = scale / own if (norm or Normalisation()).kind == "median-log" else np.ones_like(own)
+    out["frame_ratio"] = ratio.astype(np.float32)  # (T,) shared scale / own scale (flow.rescale_normalised)
+    cams = [frame_camera(s, image_size) for s in window["frames"]]
+    out["intrinsics"] = np.stack([c.K for c in cams])
+    out["world_to_cam"] = np.stack([c.world_to_cam for c in cams])
     out["__key__"] = window["__key__"]
     if with_tracks:
         out["tracks"] = window_tracks(window, image_size)
     return out
+
+
+def frame_camera(sample: dict, image_size: int) -> Camera:
+    """A frame's ``camera.json`` with its intrinsics rescaled to ``image_size`` x ``image_size`` (pixel
+    centres kept: u' + 0.5 = (u + 0.5) S / W)."""
+    try:
+        cam = Camera.from_json(decode_json(sample["camera.json"], "camera.json"))
+    except (SchemaError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"shard {sample.get('__url__')} sample {sample.get('__key__')}: camera.json unreadable "
+                        f"({type(e).__name__}: {e})") from None
+    S = np.diag([image_size / cam.width, image_size / cam.height, 1.0])
+    return Camera(S @ cam.K, cam.world_to_cam, image_size, image_size)
 
 
 def window_tracks(window: dict, image_size: int) -> dict:
@@ -210,20 +239,68 @@ def probe_clips(urls: list[str], image_size: int, cfg: ClipConfig) -> ShardInfo:
                     f"a window needs (length {cfg.length}, frame stride {cfg.frame_stride})")
 
 
+def clip_train_loader(urls: list[str], cfg: LoaderConfig, clips: ClipConfig, epoch: int, skip_batches: int = 0,
+                      skip_bad: tuple[int, ...] = ()):
+    """The training stream of windows (:func:`wt_model.data.train_loader` with windows for views: the same
+    shuffling, splitting, resumption and bad-sample counting; ``epoch_samples`` and ``batch`` count windows).
+    Batches hold ``rgb`` (B,T,3,S,S), ``points`` (B,T,K,3,S,S), ``valid``, ``scale`` (B,), the cameras; windows
+    of held-out sequences (``cfg.val_fraction``, by asset) never enter."""
+
+    def items(src):
+        for w in window_samples(clips)(src):
+            if not is_heldout(asset_of(w["frames"][0]), cfg.val_fraction):
+                yield w
+
+    def decode(window):
+        return decode_window(window, cfg.image_size, cfg.num_layers, cfg.norm)
+
+    return train_loader(urls, cfg, epoch, skip_batches, skip_bad, items=items, decode=decode)
+
+
+def heldout_windows(urls: list[str], clips: ClipConfig, fraction: float, limit: int) -> tuple[list[dict], int]:
+    """The first ``limit`` decodable undecoded windows of held-out sequences, in shard order (kept for the
+    evaluations), and the number of undecodable ones skipped."""
+    out, bad = [], 0
+    if fraction <= 0 or limit <= 0:
+        return out, bad
+    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), window_samples(clips))
+    for w in pipeline:
+        if is_heldout(asset_of(w["frames"][0]), fraction):
+            try:
+                decode_window(w, 8, 1)
+            except DataError:
+                bad += 1
+                continue
+            out.append(w)
+            if len(out) >= limit:
+                break
+    return out, bad
+
+
+def window_batches(windows, batch_size: int, image_size: int, num_layers: int, norm: Normalisation | None = None,
+                   with_tracks: bool = True):
+    """Decoded batches of undecoded windows, in order: tensors stacked along B, ``tracks`` a list of dicts of
+    arrays, ``__key__`` a list."""
+    batch = []
+
+    def collate():
+        out = {k: torch.from_numpy(np.stack([w[k] for w in batch])) for k in batch[0] if k not in ("tracks", "__key__")}
+        out["__key__"] = [w["__key__"] for w in batch]
+        if with_tracks:
+            out["tracks"] = [w["tracks"] for w in batch]
+        return out
+
+    for w in windows:
+        batch.append(decode_window(w, image_size, num_layers, norm, with_tracks))
+        if len(batch) == batch_size:
+            yield collate()
+            batch = []
+    if batch:
+        yield collate()
+
+
 def clip_eval_loader(urls: list[str], batch_size: int, image_size: int, num_layers: int, cfg: ClipConfig,
-                     limit: int | None = None):
-    """Every window once, in shard order, with its tracks (main process): an iterator of batches whose
-    ``tracks`` is a list of per-window dicts (track counts differ)."""
-    import torch
-
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(urls),
-        wds.tarfile_to_samples(),
-        window_samples(cfg),
-        wds.map(lambda w: decode_window(w, image_size, num_layers, with_tracks=True)),
-    )
-    if limit:
-        pipeline = pipeline.compose(wds.slice(limit))
-    return torch.utils.data.DataLoader(pipeline.compose(wds.batched(batch_size, partial=True)),
-                                       batch_size=None, num_workers=0)
-
+                     limit: int | None = None, norm: Normalisation | None = None):
+    """Every window once, in shard order, with its tracks (main process): batches as :func:`window_batches`."""
+    windows = clip_windows(group_clips(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())), cfg)
+    return window_batches(islice(windows, limit) if limit else windows, batch_size, image_size, num_layers, norm)

@@ -191,13 +191,12 @@ def decode_points(sample: dict, num_layers: int | None = None) -> dict:
     return {"xyz": xyz, "valid": valid.astype(bool), "rgb": rgb, "rays": rays, "meta": d.get("meta") or {}}
 
 
-def decode_sample(sample: dict, image_size: int, num_layers: int, norm: Normalisation | None = None) -> dict:
-    """One raw WebDataset sample (bytes per file) -> the arrays described in the module docstring.
-
-    Layers beyond ``num_layers`` are dropped and missing ones padded as invalid. Views of another size are
-    resized to ``image_size`` (rgb bilinear; points nearest, because interpolating between layers or across
-    depth edges invents geometry); the caller says so once (``probe_shards``).
-    """
+def decode_view(sample: dict, image_size: int, num_layers: int) -> dict:
+    """One raw WebDataset sample -> ``xyz`` (K,S,S,3) camera-space points (scene units), ``valid``, ``rgb``,
+    ``rays`` and ``meta`` as :func:`decode_points` gives them, at the model's size S with K layers: layers
+    beyond ``num_layers`` are dropped and missing ones padded as invalid; views of another size are resized
+    (rgb bilinear; points nearest, because interpolating between layers or across depth edges invents
+    geometry); the caller says so once (``probe_shards``)."""
     d = decode_points(sample, num_layers)
     xyz, valid, rgb, rays = d["xyz"], d["valid"], d["rgb"], d["rays"]
     K, H, W = valid.shape
@@ -209,14 +208,33 @@ def decode_sample(sample: dict, image_size: int, num_layers: int, norm: Normalis
         iy, ix = _nearest_index(H, image_size), _nearest_index(W, image_size)
         xyz, valid, rays = xyz[:, iy][:, :, ix], valid[:, iy][:, :, ix], rays[iy][:, ix]
         rgb = resize_rgb(rgb, image_size)
-    scale = float(np.median(xyz[0, ..., 2][valid[0]])) if valid[0].any() else 1.0
+    return {"xyz": xyz, "valid": valid, "rgb": rgb, "rays": rays, "meta": d["meta"]}
+
+
+def median_depth(views: list[dict]) -> float:
+    """The median-log scale of one or more views (:func:`decode_view`): the median layer-0 depth over all
+    their valid pixels (1 if none)."""
+    z = np.concatenate([v["xyz"][0, ..., 2][v["valid"][0]] for v in views])
+    return float(np.median(z)) if len(z) else 1.0
+
+
+def view_arrays(view: dict, scale: float, norm: Normalisation | None = None) -> dict:
+    """A decoded view (:func:`decode_view`) -> the arrays of the module docstring, normalised with ``scale``."""
+    xyz, valid, rays = view["xyz"], view["valid"], view["rays"]
     points = (norm or Normalisation()).forward(fill_missing(xyz, valid, rays, scale), scale)  # (K,H,W,3)
     return {
-        "rgb": (rgb.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1),
+        "rgb": (view["rgb"].astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1),
         "points": points.astype(np.float32).transpose(0, 3, 1, 2),
         "valid": valid.astype(bool),
         "scale": np.array(scale, dtype=np.float32),
     }
+
+
+def decode_sample(sample: dict, image_size: int, num_layers: int, norm: Normalisation | None = None) -> dict:
+    """One raw WebDataset sample (bytes per file) -> the arrays described in the module docstring, the
+    median-log scale being the view's own median visible depth (sizes and layers: :func:`decode_view`)."""
+    view = decode_view(sample, image_size, num_layers)
+    return view_arrays(view, median_depth([view]), norm)
 
 
 def has_layers(sample: dict) -> bool:
@@ -345,13 +363,15 @@ def _shuffle_and_skip(src, cfg: LoaderConfig, epoch: int, skip_batches: int, ski
     yield from islice(stream, skip, None)
 
 
-def _decode_counting(src, cfg: LoaderConfig, tar_errors: list[int]):
-    """Decode each sample; undecodable ones are skipped, and the count of those skipped (plus damaged tar
-    members, ``tar_errors``) since the previous good sample rides along as ``bad``."""
+def _decode_counting(src, cfg: LoaderConfig, tar_errors: list[int], decode=None):
+    """Decode each sample (``decode(sample)``, default :func:`decode_sample`); undecodable ones are skipped,
+    and the count of those skipped (plus damaged tar members, ``tar_errors``) since the previous good sample
+    rides along as ``bad``."""
     bad = 0
     for sample in src:
         try:
-            out = decode_sample(sample, cfg.image_size, cfg.num_layers, cfg.norm)
+            out = (decode(sample) if decode is not None
+                   else decode_sample(sample, cfg.image_size, cfg.num_layers, cfg.norm))
         except DataError:
             bad += 1
             continue
@@ -372,14 +392,16 @@ def _worker_roles(skip_batches: int, workers: int):
 
 
 def train_loader(urls: list[str], cfg: LoaderConfig, epoch: int, skip_batches: int = 0,
-                 skip_bad: tuple[int, ...] = ()):
+                 skip_bad: tuple[int, ...] = (), items=None, decode=None):
     """The DataLoader of one training epoch, from batch ``skip_batches`` on: dicts of tensors (shapes in the
     module docstring). Decoding runs in the DataLoader workers. Workers stream endlessly; ``with_epoch`` cuts
     each one's share, rounded up, so the caller stops at ``cfg.batches_per_epoch`` (extra batches, if any,
     come last). ``skip_bad``: per worker role, the undecodable samples met in the skipped batches (the trainer
     sums ``bad`` by role), so a resumed stream continues exactly where it stopped. A sample that cannot be
     decoded is skipped and counted in ``bad``; a damaged tar member (the rest of that shard is lost) in
-    ``bad_tar``."""
+    ``bad_tar``. ``items`` (a stage: raw samples in shard order -> training items, undecoded) and ``decode``
+    (an item -> arrays) replace the layered views and :func:`decode_sample` (the clip loader's windows,
+    :mod:`wt_model.clips`)."""
     tar_errors = [0]
 
     def on_tar_error(exn: Exception) -> bool:
@@ -394,9 +416,9 @@ def train_loader(urls: list[str], cfg: LoaderConfig, epoch: int, skip_batches: i
         wds.split_by_node,
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=on_tar_error),
-        wds.select(keep),
+        items if items is not None else wds.select(keep),
         lambda src: _shuffle_and_skip(src, cfg, epoch, skip_batches, tuple(skip_bad)),
-        lambda src: _decode_counting(src, cfg, tar_errors),
+        lambda src: _decode_counting(src, cfg, tar_errors, decode),
         wds.batched(cfg.batch_size, partial=False),
     ).with_epoch(math.ceil((cfg.batches_per_epoch - skip_batches) / cfg.workers))
     return torch.utils.data.DataLoader(

@@ -45,6 +45,7 @@ class FlowConfig:
     valid_weight: float = 1.0  # weight of the validity BCE next to the velocity loss
     clock: str = "layered"  # "layered" (per-layer clocks) or "shared" (one t per sample)
     fill: str = "repeat"  # missing layers in x_t: "repeat" (the data's fill) or "noise" (fresh noise)
+    single_frame: float = 0.0  # clips: share of steps trained frame by frame (T = 1, each frame's own scale)
 
     def __post_init__(self) -> None:
         if self.prediction not in ("x0", "velocity"):
@@ -76,10 +77,13 @@ def layer_times(s: torch.Tensor, num_layers: int, cfg: FlowConfig) -> torch.Tens
 
 
 def predict(model, x_t: torch.Tensor, t: torch.Tensor, rgb: torch.Tensor, cfg: FlowConfig,
-            image_tokens: torch.Tensor | None = None):
+            image_tokens: torch.Tensor | None = None, frames: int = 1):
     """Run the network; return (x0_hat, v_hat, valid_logits) whichever quantity it predicts. v_hat uses the
-    loss's clamp. x_t (B,K,3,H,W), t (B,K), rgb (B,3,H,W), image_tokens from ``model.encode`` or None."""
-    if image_tokens is None:
+    loss's clamp. x_t (B,K,3,H,W), t (B,K), rgb (B,3,H,W), image_tokens from ``model.encode`` or None;
+    ``frames``: B holds clips of this many frames (the model's temporal blocks)."""
+    if frames > 1:
+        out, valid_logits = model(x_t, t, rgb, image_tokens, frames=frames)
+    elif image_tokens is None:
         out, valid_logits = model(x_t, t, rgb)
     else:
         out, valid_logits = model(x_t, t, rgb, image_tokens)
@@ -112,17 +116,35 @@ def noisy_input(x0: torch.Tensor, valid: torch.Tensor, t: torch.Tensor, eps: tor
     return x_t
 
 
+def rescale_normalised(points: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """median-log points (B,T,K,3,H,W) normalised by a scale s -> the same points normalised by s / ratio
+    (ratio (B,T)): z' = z + log r, x' = sign(x) log1p(expm1(|x|) r). ``ratio`` 1 changes nothing (zscore)."""
+    r = ratio.to(points.dtype)[:, :, None, None, None, None]  # (B,T,1,1,1,1)
+    xy, z = points[:, :, :, :2], points[:, :, :, 2:]
+    return torch.cat([torch.sign(xy) * torch.log1p(torch.expm1(xy.abs()) * r), z + torch.log(r)], dim=3)
+
+
 def flow_loss(model, batch: dict, cfg: FlowConfig, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
     """The training loss of one batch (tensors on the model's device); returns (loss, parts for logging).
 
     Velocity MSE over valid entries only (missing layers hold fills, not targets) plus the validity BCE over
-    every layer and pixel."""
+    every layer and pixel. A batch of clips (``points`` (B,T,K,3,H,W), the clip loader's windows) runs as B*T
+    frames with one time s per clip, the model's temporal blocks over each clip's T frames; T = 1 is exactly a
+    batch of views."""
     x0, valid, rgb = batch["points"], batch["valid"], batch["rgb"]  # (B,K,3,H,W), (B,K,H,W), (B,3,H,W)
+    frames = 1
+    if x0.ndim == 6:  # clips: (B,T,...) -> (B*T,...), frame-major
+        frames = x0.shape[1]
+        if cfg.single_frame > 0 and torch.rand(1, generator=generator).item() < cfg.single_frame:
+            frames = 1  # this step frame by frame, each frame in its own normalisation (the image model)
+            x0 = rescale_normalised(x0, batch["frame_ratio"])
+        x0, valid, rgb = x0.flatten(0, 1), valid.flatten(0, 1), rgb.flatten(0, 1)
     B, K = x0.shape[:2]
-    t = layer_times(sample_s(B, cfg, generator, x0.device), K, cfg)  # (B,K)
+    s = sample_s(B // frames, cfg, generator, x0.device).repeat_interleave(frames)  # one time per clip
+    t = layer_times(s, K, cfg)  # (B,K)
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)
     x_t = noisy_input(x0, valid, t, eps, cfg, generator)
-    _, v_hat, valid_logits = predict(model, x_t, t, rgb, cfg)
+    _, v_hat, valid_logits = predict(model, x_t, t, rgb, cfg, frames=frames)
     t5 = t[..., None, None, None]
     v = (x_t - x0) / t5.clamp(min=cfg.t_clamp) if cfg.prediction == "x0" else eps - x0
     mask = valid[:, :, None].float()  # (B,K,1,H,W)

@@ -22,7 +22,12 @@ ray-wise attention (the K tokens at one patch; no positions) and global attentio
 global attention rotate queries and keys by 2D RoPE (frequency base ``rope_base``, 100). A zero-initialised
 per-layer FiLM, x * (1 + gamma_k) + beta_k, precedes every frame-wise block and the output head. The flow
 time conditions every block through DiT's adaLN-Zero, per layer, because each layer may have its own time.
-A temporal block (over T frames) would go after every global block, on tokens (B*T,K,P,D) regrouped by T.
+
+Clips (``temporal=True``, the reference's dynamic model): the batch axis holds B clips of T frames, frame-major
+(row b*T + i is frame i of clip b), and ``frames=T`` is passed to forward. A temporal block follows every
+global block: each (layer, patch position) token attends over the clip's T frames, with 1D RoPE over the frame
+index on queries and keys; adaLN-Zero, so a new temporal block starts as the identity. With T = 1 the temporal
+blocks are skipped: the model is exactly the image model (same outputs for the same weights).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class WTDiTConfig:
     preset: str = "custom"
     encoder: str = "none"
     rope_base: float = 100.0
+    temporal: bool = False  # temporal blocks after the global blocks (clips); see the module docstring
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -197,9 +203,14 @@ class WTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.film = nn.Parameter(torch.zeros(2, num_layers, dim)) if kind == "frame" else None
 
-    def attend(self, x: torch.Tensor, rope: dict | None) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, rope: dict | None, frames: int = 1) -> torch.Tensor:
         B, K, P, D = x.shape
         rope = rope or {}
+        if self.kind == "temporal":  # the T frames of one clip at one (layer, patch): x is (N*T,K,P,D)
+            N = B // frames
+            y = x.reshape(N, frames, K, P, D).permute(0, 2, 3, 1, 4).reshape(N * K * P, frames, D)
+            y = self.attn(y, rope.get("temporal"))  # (N*K*P, T, D)
+            return y.reshape(N, K, P, frames, D).permute(0, 3, 1, 2, 4).reshape(B, K, P, D)
         if self.kind == "frame":  # the P tokens of one layer, RoPE over the patch grid
             return self.attn(x.reshape(B * K, P, D), rope.get("frame")).reshape(B, K, P, D)
         if self.kind == "ray":  # the K tokens at one patch position: no positions
@@ -207,13 +218,14 @@ class WTBlock(nn.Module):
             return y.reshape(B, P, K, D).transpose(1, 2)
         return self.attn(x.reshape(B, K * P, D), rope.get("global")).reshape(B, K, P, D)  # all K*P tokens
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: dict | None = None) -> torch.Tensor:
-        # x (B,K,P,D); c (B,K,D), one conditioning vector per layer; rope {"frame": (P,..), "global": (K*P,..)}
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: dict | None = None, frames: int = 1) -> torch.Tensor:
+        # x (B,K,P,D); c (B,K,D), one conditioning vector per layer; rope {"frame": (P,..), "global": (K*P,..),
+        # "temporal": (T,..)}; frames: T, the clip length along B (temporal blocks only)
         if self.film is not None:
             x = film(x, self.film)
         mod = self.adaLN_modulation(c).unsqueeze(2)  # (B,K,1,6D)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)  # 6 x (B,K,1,D)
-        x = x + gate_a * self.attend(modulate(self.norm1(x), shift_a, scale_a), rope)
+        x = x + gate_a * self.attend(modulate(self.norm1(x), shift_a, scale_a), rope, frames)
         return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
 
@@ -259,6 +271,10 @@ class WTDiT(nn.Module):
         self.blocks = nn.ModuleList(
             WTBlock(D, cfg.heads, cfg.mlp_ratio, ATTENTION_KINDS[i % 3], K) for i in range(cfg.depth))
         self.final = FinalLayer(D, p, K)
+        # registered last, so the image model's weights are initialised identically with or without them
+        self.temporal = nn.ModuleDict(
+            {str(i): WTBlock(D, cfg.heads, cfg.mlp_ratio, "temporal", K)
+             for i, blk in enumerate(self.blocks) if blk.kind == "global"}) if cfg.temporal else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -271,7 +287,8 @@ class WTDiT(nn.Module):
         nn.init.normal_(self.layer_embed, std=0.02)
         for lin in (self.t_embed[0], self.t_embed[2]):
             nn.init.normal_(lin.weight, std=0.02)
-        for blk in self.blocks:  # adaLN-Zero: every residual branch starts as the identity
+        for blk in [*self.blocks, *(self.temporal.values() if self.temporal is not None else [])]:
+            # adaLN-Zero: every residual branch starts as the identity
             nn.init.zeros_(blk.adaLN_modulation[-1].weight)
             nn.init.zeros_(blk.adaLN_modulation[-1].bias)
         for lin in (self.final.adaLN_modulation[-1], self.final.linear):  # zero-initialised output head
@@ -328,10 +345,13 @@ class WTDiT(nn.Module):
         return self.img_half(IMAGE_FEATURE_SCALE * self.img_norm(self.img_proj(feats)))  # (B,P,D/2)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, rgb: torch.Tensor,
-                image_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                image_tokens: torch.Tensor | None = None, frames: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """x_t (B,K,3,H,W), t (B,K), rgb (B,3,H,W), image_tokens (B,P,D/2) from :meth:`encode` (computed here
-        when None) -> (points (B,K,3,H,W), valid logits (B,K,H,W))."""
+        when None) -> (points (B,K,3,H,W), valid logits (B,K,H,W)). ``frames``: B holds clips of this many
+        frames, frame-major (module docstring); the temporal blocks run when it is above 1."""
         B, K, C, H, W = x_t.shape
+        if B % frames:
+            raise ValueError(f"model: batch {B} is not a whole number of clips of {frames} frames")
         p, h, w = self.cfg.patch_size, H // self.cfg.patch_size, W // self.cfg.patch_size
         if image_tokens is None:
             image_tokens = self.encode(rgb)
@@ -346,8 +366,13 @@ class WTDiT(nn.Module):
         c = self.t_embed(timestep_embedding(t, 256))  # (B,K,D)
         cos, sin = rope_2d(h, w, self.cfg.dim // self.cfg.heads, self.cfg.rope_base, x.device)  # (P, D/heads)
         rope = {"frame": (cos, sin), "global": (cos.repeat(K, 1), sin.repeat(K, 1))}  # (P,.), (K*P,.)
-        for blk in self.blocks:
+        temporal = self.temporal if frames > 1 and self.temporal is not None else {}
+        if temporal:  # 1D RoPE over the frame index: the grid's row angles with one column
+            rope["temporal"] = rope_2d(frames, 1, self.cfg.dim // self.cfg.heads, self.cfg.rope_base, x.device)
+        for i, blk in enumerate(self.blocks):
             x = blk(x, c, rope)  # (B,K,P,D)
+            if str(i) in temporal:
+                x = temporal[str(i)](x, c, rope, frames)  # each (layer, patch) over the clip's frames
         out = self.final(x, c)  # (B,K,P,4p²)
         out = self.unpatchify(out.reshape(B * K, h * w, -1), 4, H, W).reshape(B, K, 4, H, W)
         return out[:, :, :3], out[:, :, 3]  # (B,K,3,H,W), (B,K,H,W)

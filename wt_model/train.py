@@ -29,6 +29,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from wt_datagen.console import Progress
 from wt_model.checkpoint import CheckpointError, check_encoder_weights, read_checkpoint, save_checkpoint
+from wt_model.clip_metrics import score_clip_batches
+from wt_model.clips import ClipConfig, clip_train_loader, heldout_windows, probe_clips, window_batches
 from wt_model.data import (
     NORMALISATIONS,
     LoaderConfig,
@@ -61,6 +64,7 @@ SETTINGS = {
     "batch": 8, "accum": 1, "lr": 3e-4, "schedule": "cosine", "warmup": 100, "decay_steps": None,
     "min_lr_ratio": 0.1, "weight_decay": 0.0, "grad_clip": 1.0, "ema": 0.999, "seed": 0,
     "epoch_samples": 10_000, "shuffle_buffer": 256, "val_fraction": 0.0,
+    "clips": False, "clip_length": 4, "frame_stride": 1, "window_stride": 0, "single_frame": 0.25,
 }
 DATA_ORDER_NOTES = ("workers", "world_size")  # may change on resume; the data order then differs
 
@@ -90,11 +94,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clock", choices=CLOCKS, help="per-layer clocks (layered) or one t per sample (shared)")
     p.add_argument("--fill", choices=FILLS, help="missing layers in x_t: repeat the last point or fresh noise")
     for key in ("p_uniform", "logit_mean", "logit_std", "layer0_gamma", "lr", "min_lr_ratio", "weight_decay",
-                "grad_clip", "ema", "val_fraction"):
+                "grad_clip", "ema", "val_fraction", "single_frame"):
         p.add_argument(flag(key), type=float, help=f"({s[key]})")
-    for key in ("batch", "accum", "warmup", "decay_steps", "seed", "epoch_samples", "shuffle_buffer"):
+    p.add_argument("--clips", action="store_const", const=True,
+                   help="train the clip model on sequence clips: windows of --clip-length frames, a temporal block "
+                        "after every global block (--batch and --epoch-samples count windows)")
+    for key in ("batch", "accum", "warmup", "decay_steps", "seed", "epoch_samples", "shuffle_buffer", "clip_length",
+                "frame_stride", "window_stride"):
         p.add_argument(flag(key), type=int, help=f"({s[key] if s[key] is not None else '--steps'})")
     p.add_argument("--schedule", choices=["cosine", "constant"], help="learning rate after warm-up (cosine)")
+    p.add_argument("--init-from", default=None,
+                   help="start a new run from this checkpoint's EMA weights (an image model starts a clip model: its "
+                        "temporal blocks start as the identity)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank (0: main process)")
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=10)
@@ -139,6 +150,28 @@ def learning_rate(step: int, s: dict) -> float:
         return s["lr"]
     progress = min(1.0, (step - s["warmup"]) / max(s["decay_steps"] - s["warmup"], 1))
     return s["lr"] * (s["min_lr_ratio"] + (1 - s["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def init_from(model: WTDiT, path: str, norm: Normalisation, say) -> None:
+    """Load a checkpoint's EMA weights into a new run's model of the same architecture, with or without temporal
+    blocks: blocks the checkpoint lacks keep their initialisation (the identity), blocks the model lacks are
+    dropped. Another architecture or normalisation is refused with one line."""
+    src = read_checkpoint(path)
+    mine = {k: v for k, v in model.cfg.to_dict().items() if k not in ("temporal", "preset")}
+    theirs = {k: v for k, v in src["config"].items() if k not in ("temporal", "preset")}
+    differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if differ:
+        raise CheckpointError(f"--init-from {path}: another architecture ({', '.join(differ)} differ)")
+    if Normalisation.from_dict(src.get("norm")) != norm:
+        raise CheckpointError(f"--init-from {path}: trained with another point normalisation")
+    state = {k: v for k, v in src.get("ema", src["model"]).items()
+             if model.temporal is not None or not k.startswith("temporal.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    wrong = [k for k in missing if not k.startswith(("temporal.", "encoder."))] + list(unexpected)
+    if wrong:
+        raise CheckpointError(f"--init-from {path}: weights do not match ({wrong[0]})")
+    new = "; its temporal blocks start as the identity" if any(k.startswith("temporal.") for k in missing) else ""
+    say(f"starting from the weights of {path} (step {src['step']}){new}")
 
 
 def noise_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
@@ -197,6 +230,10 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
         raise TrainError(str(e)) from None
     if note:
         say(note)
+    clips = None
+    if s["clips"]:
+        clips = ClipConfig(s["clip_length"], s["frame_stride"], s["window_stride"])
+        cfg = replace(cfg, temporal=True)
     encoder = None
     if ckpt is not None:
         check_encoder_weights(ckpt, out / "last.pt", args.encoder_weights)
@@ -221,11 +258,11 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
             raise TrainError("--norm-stats is for --norm zscore")
         norm = Normalisation()
     flow_cfg = FlowConfig(s["prediction"], s["p_uniform"], s["logit_mean"], s["logit_std"], s["layer0_gamma"],
-                          clock=s["clock"], fill=s["fill"])
+                          clock=s["clock"], fill=s["fill"], single_frame=s["single_frame"] if clips else 0.0)
 
     # ------------------------------------------------------------------ data (fails early on bad input)
     urls = expand_shards(args.shards)
-    info = probe_shards(urls, cfg.image_size)
+    info = probe_clips(urls, cfg.image_size, clips) if clips else probe_shards(urls, cfg.image_size)
     if info.resized:
         say(f"note: shards are {info.width}x{info.height}, the model trains at {cfg.image_size}x"
             f"{cfg.image_size}: resizing (rgb bilinear, points nearest)")
@@ -235,15 +272,23 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
     loader_cfg = LoaderConfig(s["batch"], cfg.image_size, cfg.num_layers, args.workers, s["shuffle_buffer"],
                               s["epoch_samples"], s["seed"], world_size, norm, s["val_fraction"])
     bpe, W = loader_cfg.batches_per_epoch, loader_cfg.workers
-    heldout, bad_heldout = collect_heldout(urls, s["val_fraction"], args.eval_views) if master else ([], 0)
+    if not master:
+        heldout, bad_heldout = [], 0
+    elif clips:
+        heldout, bad_heldout = heldout_windows(urls, clips, s["val_fraction"], max(1, args.eval_views // clips.length))
+    else:
+        heldout, bad_heldout = collect_heldout(urls, s["val_fraction"], args.eval_views)
     if master and s["val_fraction"] > 0:
-        say(f"held-out split: {len(heldout)} views of held-out assets (fraction {s['val_fraction']}, by asset)"
+        say(f"held-out split: {len(heldout)} {'windows' if clips else 'views'} of held-out assets (fraction "
+            f"{s['val_fraction']}, by asset)"
             + (f"; {bad_heldout} undecodable held-out view{'s' * (bad_heldout > 1)} skipped" if bad_heldout else "")
             if heldout else f"note: no held-out asset among the shards at --val-fraction {s['val_fraction']}")
 
     # ------------------------------------------------------------------ model, EMA, optimizer
     torch.manual_seed(s["seed"])  # identical initial weights on every rank
     model = WTDiT(cfg, encoder).to(device)
+    if args.init_from is not None and ckpt is None:
+        init_from(model, args.init_from, norm, say)
     ema = WTDiT(cfg, model.encoder).to(device)  # shares the frozen encoder
     ema.load_denoiser_state_dict(model.denoiser_state_dict())
     ema.requires_grad_(False).eval()
@@ -268,7 +313,9 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
         out.mkdir(parents=True, exist_ok=True)
     raw_model = model
     if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # clip runs: a frame-by-frame step leaves the temporal blocks out of the graph
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=clips is not None)
     if args.compile:
         model = torch.compile(model)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() and not args.no_bf16
@@ -291,7 +338,8 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
             eval_file = open(out / "eval.csv", "w" if new_eval else "a", newline="")
             eval_log = csv.writer(eval_file)
             if new_eval:
-                eval_log.writerow(["step", "val_loss", "chamfer_all", "fscore_all", "iou", "abs_rel", "views"])
+                eval_log.writerow(["step", "val_loss", "chamfer_all", "fscore_all", "iou", "abs_rel", "views"]
+                                  + (["track_epe"] if clips else []))
         if args.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -320,21 +368,34 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
     def evaluate_heldout() -> None:
         gen = torch.Generator().manual_seed(s["seed"])
         losses = []
+
+        def batches():
+            if clips:
+                return window_batches(heldout, s["batch"], cfg.image_size, cfg.num_layers, norm)
+            return eval_batches(heldout, s["batch"], cfg.image_size, cfg.num_layers, norm)
+
         with torch.no_grad(), autocast:
-            for b in eval_batches(heldout, s["batch"], cfg.image_size, cfg.num_layers, norm):
-                b = {k: v.to(device) for k, v in b.items()}
+            for b in batches():
+                b = {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)}
                 losses.append(flow_loss(ema, b, flow_cfg, gen)[0].float().item())
-        batches = eval_batches(heldout, s["batch"], cfg.image_size, cfg.num_layers, norm)
+        extra = []
         with autocast:
-            m = mean_scores(score_batches(ema, flow_cfg, norm, batches, args.eval_steps, gen))
+            if clips:  # the clip run only: its per-frame figures and the motion error on the tracks
+                scores, video = score_clip_batches(ema, flow_cfg, norm, batches(), args.eval_steps, gen,
+                                                   baseline=False)[:2]
+                extra = [video.clip.epe]
+            else:
+                scores = score_batches(ema, flow_cfg, norm, batches(), args.eval_steps, gen)
+            m = mean_scores(scores)
         row = [step, float(np.mean(losses)), m.chamfer_all, m.fscore_all, m.iou, m.abs_rel, m.views]
-        eval_log.writerow([row[0], *[f"{v:.6g}" for v in row[1:6]], m.views])
+        eval_log.writerow([row[0], *[f"{v:.6g}" for v in row[1:6]], m.views, *[f"{v:.6g}" for v in extra]])
         eval_file.flush()
         if writer is not None:
             for name, v in zip(("loss", "chamfer_all", "fscore_all", "iou", "abs_rel"), row[1:6]):
                 writer.add_scalar(f"val/{name}", v, step)
         text = (f"eval step {step}: val loss {row[1]:.4f}, chamfer {m.chamfer_all:.4f}, fscore "
-                f"{m.fscore_all:.3f}, iou {m.iou:.3f}, abs_rel {m.abs_rel:.4f} ({m.views} held-out views)")
+                f"{m.fscore_all:.3f}, iou {m.iou:.3f}, abs_rel {m.abs_rel:.4f} ({m.views} held-out views"
+                + (f"; track motion error {extra[0]:.4f})" if extra else ")"))
         if progress is not None:
             progress.write(text)
         else:
@@ -348,7 +409,9 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
             epoch, skip = divmod(micro, bpe)
             if skip == 0:
                 bad_in_epoch = [0] * W
-            for batch in train_loader(urls, loader_cfg, epoch, skip, tuple(bad_in_epoch)):
+            loader = (clip_train_loader(urls, loader_cfg, clips, epoch, skip, tuple(bad_in_epoch)) if clips
+                      else train_loader(urls, loader_cfg, epoch, skip, tuple(bad_in_epoch)))
+            for batch in loader:
                 yield epoch, micro % bpe, batch
                 micro += 1
                 if micro % bpe == 0:
