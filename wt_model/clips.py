@@ -21,9 +21,11 @@ one window gives none.
 A decoded window (numpy; batches stack these along a leading B axis):
     rgb          (T,3,S,S) float32 in [-1, 1]
     points       (T,K,3,S,S) float32: each frame's points in its own camera, normalised with ONE scale for
-                 the window (``data.normalise``), missing layers filled as for single views
+                 the window (``data.Normalisation``), missing layers filled as for single views
     valid        (T,K,S,S) bool
     scale        () float32: the median layer-0 depth over every frame of the window (scene units)
+    frame_ratio  (T,) float32: ``scale`` over each frame's own median depth (1 for zscore), which turns the
+                 window's points into each frame's own normalisation (``flow.rescale_normalised``)
     intrinsics   (T,3,3) float64 at the model's S x S; world_to_cam (T,4,4) float64 (the ground-truth cameras)
     tracks       (with ``with_tracks``) {"uv" (T,N,2) float32 pixel coordinates at S x S (pixel centres at
                  +0.5), "layer_index" (T,N) int8 (0 visible, -1 outside), "world_xyz" (T,N,3) float32}
