@@ -356,7 +356,7 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
 
     gen = torch.Generator()
     sums = torch.zeros(4, device=device)  # loss, loss_flow, loss_valid, grad_norm summed since the last log
-    logged_steps, bad_total = 0, 0
+    logged_steps, bad_total, bad_since_log = 0, 0, 0  # undecodable samples, this session, all ranks
     t_log = time.perf_counter()
     model.train()
     stream = micro_batches(step * s["accum"])
@@ -370,7 +370,7 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
                 epoch, index, batch = next(stream)
                 bad, bad_tar = int(batch.pop("bad").sum()), int(batch.pop("bad_tar").sum())
                 bad_in_epoch[index % W] += bad
-                bad_total += bad + bad_tar
+                bad_since_log += bad + bad_tar
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
                 gen.manual_seed(noise_seed(s["seed"], rank, step, i))
                 sync = nullcontext() if world_size == 1 or i == s["accum"] - 1 else raw_model_no_sync(model)
@@ -387,11 +387,13 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
             logged_steps += 1
 
             if step % args.log_every == 0 or step == args.steps:
-                totals = sums.clone()
+                totals = torch.cat([sums, torch.tensor([bad_since_log], dtype=sums.dtype, device=device)])
                 if world_size > 1:  # average over ranks (gloo and nccl both reduce CPU/GPU tensors)
                     dist.all_reduce(totals)
-                    totals /= world_size
-                values = (totals / logged_steps).tolist()  # the one host sync of a log step
+                    totals[:4] /= world_size
+                values = totals.tolist()  # the one host sync of a log step
+                values, bad_total = [v / logged_steps for v in values[:4]], bad_total + int(values[4])
+                bad_since_log = 0
                 rate = logged_steps * s["batch"] * s["accum"] * world_size / (time.perf_counter() - t_log)
                 if master:
                     log.writerow([step, epoch, *[f"{v:.6g}" for v in values[:3]], f"{lr:.3g}",

@@ -32,7 +32,7 @@ def main() -> None:
     print(f"\nbench_learn: tiny, 6 built-in views at 64x64, {steps} steps, {seeds} seed(s); lower Chamfer is better",
           flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        pattern = render_builtin(Path(tmp))
+        pattern = render_builtin(Path(tmp), subprocess=True)
         base = mean_pointmap_scores(pattern)
         results: dict[str, list] = {name: [] for name in OPTIONS}
         t0 = time.perf_counter()
