@@ -56,7 +56,7 @@ from wt_model.models import PRESETS, WTDiT, configure
 
 # Settings kept by --resume (a conflicting flag is refused), with their defaults.
 SETTINGS = {
-    "preset": "tiny", "image_encoder": "none", "norm": "median-log", "prediction": "x0", "clock": "layered",
+    "preset": "tiny", "image_encoder": "none", "norm": "median-log", "prediction": "x0", "clock": "shared",
     "fill": "repeat", "p_uniform": 0.3, "logit_mean": -0.4, "logit_std": 1.0, "layer0_gamma": 1.5,
     "batch": 8, "accum": 1, "lr": 3e-4, "schedule": "cosine", "warmup": 100, "decay_steps": None,
     "min_lr_ratio": 0.1, "weight_decay": 0.0, "grad_clip": 1.0, "ema": 0.999, "seed": 0,
@@ -87,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norm", choices=NORMALISATIONS, help="point normalisation (median-log)")
     p.add_argument("--norm-stats", default=None, help="wt-model stats JSON for --norm zscore")
     p.add_argument("--prediction", choices=["x0", "velocity"], help="what the network predicts (x0)")
-    p.add_argument("--clock", choices=CLOCKS, help="per-layer clocks (layered) or one t per sample (shared)")
+    p.add_argument("--clock", choices=CLOCKS, help="one t per sample (shared) or per-layer clocks (layered)")
     p.add_argument("--fill", choices=FILLS, help="missing layers in x_t: repeat the last point or fresh noise")
     for key in ("p_uniform", "logit_mean", "logit_std", "layer0_gamma", "lr", "min_lr_ratio", "weight_decay",
                 "grad_clip", "ema", "val_fraction"):
