@@ -18,13 +18,23 @@ from wt_model.metrics import evaluate, mean_scores, score_view
 DEBUG_CONFIG = Path(__file__).resolve().parent.parent / "render_configs" / "debug.yaml"
 
 
-def render_builtin(out: Path, resolution: int = 64) -> str:
-    """The 6 built-in assets, one view each, rendered by ``wt-datagen render``; returns the shard glob."""
-    from wt_datagen.cli import main as datagen
+def render_builtin(out: Path, resolution: int = 64, subprocess: bool = False) -> str:
+    """The 6 built-in assets, one view each, rendered by ``wt-datagen render``; returns the shard glob.
+    ``subprocess``: in a child process (the caster's ``numba.set_num_threads`` also sets the OpenMP thread
+    count torch shares, overriding OMP_NUM_THREADS for the rest of the process)."""
+    commands = [["make-assets", str(out / "assets")],
+                ["render", str(out / "assets"), "--config", str(DEBUG_CONFIG), "--out", str(out / "shards"),
+                 "--resolution", str(resolution), "--views", "1", "--workers", "1"]]
+    for argv in commands:
+        if subprocess:
+            import subprocess as sp
+            import sys
 
-    assert datagen(["make-assets", str(out / "assets")]) == 0
-    assert datagen(["render", str(out / "assets"), "--config", str(DEBUG_CONFIG), "--out", str(out / "shards"),
-                    "--resolution", str(resolution), "--views", "1", "--workers", "1"]) == 0
+            sp.run([sys.executable, "-m", "wt_datagen.cli", *argv], check=True, capture_output=True)
+        else:
+            from wt_datagen.cli import main as datagen
+
+            assert datagen(argv) == 0
     return str(out / "shards" / "*.tar")
 
 

@@ -356,11 +356,11 @@ class Oracle(torch.nn.Module):
 
 
 def test_layer0_runs_ahead_but_all_layers_start_noisy_and_end_clean():
-    cfg = FlowConfig()
+    cfg = FlowConfig(clock="layered")
     t = layer_times(torch.tensor([1.0, 0.5, 0.0]), 4, cfg)
     assert torch.allclose(t[0], torch.ones(4)) and torch.allclose(t[2], torch.zeros(4))
     assert t[1, 0] < t[1, 1] and torch.allclose(t[1, 1:], torch.full((3,), 0.5))
-    shared = layer_times(torch.tensor([0.3]), 4, FlowConfig(clock="shared"))
+    shared = layer_times(torch.tensor([0.3]), 4, FlowConfig())  # the default: one t per sample
     assert torch.allclose(shared, torch.full((1, 4), 0.3))
 
 

@@ -156,8 +156,10 @@ def test_shard_set_recovers_from_every_crash_point(tmp_path):
     s.record(ItemStatus("oops", status="failed", reason="bug"))
     assert [p.name for p in out.glob("shard-*.tar")] == ["shard-000000.tar"]
     assert (out / "shard-000001.tar.tmp").exists()  # b is written but not done
-    # a crash now: s is abandoned (its tar stream must not write an end marker when collected)
+    # a crash now: s is abandoned (its tar stream must not write an end marker when collected) and its
+    # writer lock goes with its process
     s._writer.tarstream.fileobj.closed = True
+    s.release()
     # also fake a shard renamed but never journaled, and a torn journal line
     (out / "shard-000007.tar").write_bytes(b"orphan")
     with open(out / JOURNAL, "a") as f:
@@ -197,8 +199,8 @@ def test_item_never_spans_shards_and_size_limit_rolls(tmp_path):
 
 # -- end to end ----------------------------------------------------------------------------------------
 
-BROKEN = ["broken/corrupt.glb", "broken/nan.obj", "broken/empty.obj", "broken/notex/notex.obj",
-          "broken/huge.ply"]
+BROKEN = ["broken/corrupt.glb", "broken/nan.obj", "broken/empty.obj", "broken/huge.ply"]
+WARNED = "broken/notex/notex.obj"  # a missing texture: rendered untextured, with a warning
 
 
 @pytest.fixture(scope="module")
@@ -260,14 +262,15 @@ def test_render_exit_code_status_and_manifest(rendered, assets):
     manifest = json.loads((out / "manifest.json").read_text())
     status = manifest["assets"]
     assert sorted(p for p, s in status.items() if s["status"] == "skipped") == sorted(BROKEN)
-    assert sum(s["status"] == "rendered" for s in status.values()) == 6
+    assert sum(s["status"] == "rendered" for s in status.values()) == 7
     assert all(status[p]["reason"] for p in BROKEN)
     assert "too many triangles" in status["broken/huge.ply"]["reason"]
-    assert "missing.png" in status["broken/notex/notex.obj"]["reason"]
+    assert status[WARNED]["status"] == "rendered" and "missing.png" in status[WARNED]["warnings"][0]
+    assert manifest["totals"]["warnings"] == 1
     assert manifest["complete"] and manifest["config"]["views"] == 3
     tars = sorted(p.name for p in out.glob("shard-*.tar"))
     assert [s["name"] for s in manifest["shards"]] == tars and not list(out.glob("*.tmp"))
-    assert manifest["totals"]["samples"] == len(samples) == 18
+    assert manifest["totals"]["samples"] == len(samples) == 21
     for sh in manifest["shards"]:
         assert sh["bytes"] == (out / sh["name"]).stat().st_size
         keys = _keys_of(out / sh["name"])
@@ -276,7 +279,8 @@ def test_render_exit_code_status_and_manifest(rendered, assets):
         assert sh["samples"] <= 7 or len(sh["items"]) == 1
         assert {k.rsplit("_v", 1)[0] for k in keys} == {status[p]["item_id"] for p in sh["items"]}
     tsv = (out / "status.tsv").read_text().splitlines()
-    assert len(tsv) == 1 + 11 and all(len(line.split("\t")) == 5 for line in tsv)
+    assert len(tsv) == 1 + 11 and all(len(line.split("\t")) == 6 for line in tsv)
+    assert any(line.startswith(WARNED) and "missing texture file missing.png" in line.split("\t")[5] for line in tsv)
 
 
 def _keys_of(tar: Path) -> list[str]:
@@ -377,7 +381,8 @@ def test_rerun_is_a_no_op_and_strict_reports_skips(rendered, assets, tmp_path, c
 def test_no_asset_rendered_exits_non_zero(assets, tmp_path, capsys):
     only_bad = tmp_path / "bad"
     shutil.copytree(assets / "broken", only_bad)
-    assert _render(only_bad, tmp_path / "out", _config(tmp_path)) == 1
+    config = _config(tmp_path, assets={"max_faces": 40000, "missing_texture": "skip"})
+    assert _render(only_bad, tmp_path / "out", config) == 1
     assert "0 assets rendered, 5 skipped" in capsys.readouterr().out
     assert _render(tmp_path / "nowhere", tmp_path / "out2", _config(tmp_path)) == 2
     assert "nowhere" in capsys.readouterr().err

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trimesh
 
-from tests.waiting import wait_while_running
+from tests.waiting import Killer, wait_while_running
 from wt_datagen.cli import main
 from wt_datagen.inputs.builtin import make_builtin_assets
 from wt_datagen.pipeline.executors import select_part
@@ -288,3 +289,25 @@ def test_ray_run_killed_half_way_resumes_exactly_once(ray_cluster, many, config,
     assert all(set(files) == {"rgb.png", "layers.npz", "camera.json", "meta.json"} for files in samples.values())
     names = sorted(p.name for p in out.glob("shard-*.tar"))
     assert any(n.startswith("shard-r") for n in names) and "shard-000000.tar" in names
+
+
+def test_an_item_that_kills_its_ray_worker_twice_is_failed_and_the_rest_rendered(ray_cluster, assets, config,
+                                                                                  reference, tmp_path):
+    src = tmp_path / "assets"
+    shutil.copytree(assets, src)
+    trimesh.creation.icosphere(subdivisions=7).export(src / "victim.ply")  # slow enough to be killed mid-way
+    out = tmp_path / "out"
+    killer = Killer(out, "victim.ply", 3)  # kills the Ray worker the driver journals it started in
+    killer.start()
+    driver = ray_cluster.render(str(src), "--config", str(config), "--out", str(out),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = driver.communicate(timeout=300)[0]
+    killer.stop = True
+    killer.join()
+    assert driver.returncode == 0, log[-3000:]
+    assert len(killer.killed) == 2  # then it was not started again
+    manifest = _check_folder(out)
+    status = manifest["assets"]["victim.ply"]
+    assert status["status"] == "failed" and status["reason"].startswith("killed its worker process 2 times")
+    assert manifest["totals"]["rendered"] == 6
+    assert _files(out) == reference  # every other sample exactly once

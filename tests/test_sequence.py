@@ -333,9 +333,11 @@ def test_bad_mesh_sequences(tmp_path):
     topo = tmp_path / "topo"
     write_frames(topo, [sphere.vertices] * 3, sphere.faces)
     trimesh.Trimesh(sphere.vertices, sphere.faces[:, ::-1], process=False).export(topo / "frame_0001.ply")
+    (topo / "sequence.json").write_text("{}")  # marked: else these files are static assets (other faces)
     broken = tmp_path / "broken"
     write_frames(broken, [sphere.vertices] * 2, sphere.faces)
     (broken / "frame_0001.ply").write_bytes(b"ply\nformat nonsense\n")
+    (broken / "sequence.json").write_text('{"fps": 12}')
     (tmp_path / "json").mkdir()
     (tmp_path / "json" / "scene.json").write_text("{not json")
     errors = {}

@@ -59,7 +59,7 @@ from wt_model.models import PRESETS, WTDiT, configure
 
 # Settings kept by --resume (a conflicting flag is refused), with their defaults.
 SETTINGS = {
-    "preset": "tiny", "image_encoder": "none", "norm": "median-log", "prediction": "x0", "clock": "layered",
+    "preset": "tiny", "image_encoder": "none", "norm": "median-log", "prediction": "x0", "clock": "shared",
     "fill": "repeat", "p_uniform": 0.3, "logit_mean": -0.4, "logit_std": 1.0, "layer0_gamma": 1.5,
     "batch": 8, "accum": 1, "lr": 3e-4, "schedule": "cosine", "warmup": 100, "decay_steps": None,
     "min_lr_ratio": 0.1, "weight_decay": 0.0, "grad_clip": 1.0, "ema": 0.999, "seed": 0,
@@ -91,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norm", choices=NORMALISATIONS, help="point normalisation (median-log)")
     p.add_argument("--norm-stats", default=None, help="wt-model stats JSON for --norm zscore")
     p.add_argument("--prediction", choices=["x0", "velocity"], help="what the network predicts (x0)")
-    p.add_argument("--clock", choices=CLOCKS, help="per-layer clocks (layered) or one t per sample (shared)")
+    p.add_argument("--clock", choices=CLOCKS, help="one t per sample (shared) or per-layer clocks (layered)")
     p.add_argument("--fill", choices=FILLS, help="missing layers in x_t: repeat the last point or fresh noise")
     for key in ("p_uniform", "logit_mean", "logit_std", "layer0_gamma", "lr", "min_lr_ratio", "weight_decay",
                 "grad_clip", "ema", "val_fraction", "single_frame"):
@@ -419,7 +419,7 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
 
     gen = torch.Generator()
     sums = torch.zeros(4, device=device)  # loss, loss_flow, loss_valid, grad_norm summed since the last log
-    logged_steps, bad_total = 0, 0
+    logged_steps, bad_total, bad_since_log = 0, 0, 0  # undecodable samples, this session, all ranks
     t_log = time.perf_counter()
     model.train()
     stream = micro_batches(step * s["accum"])
@@ -433,7 +433,7 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
                 epoch, index, batch = next(stream)
                 bad, bad_tar = int(batch.pop("bad").sum()), int(batch.pop("bad_tar").sum())
                 bad_in_epoch[index % W] += bad
-                bad_total += bad + bad_tar
+                bad_since_log += bad + bad_tar
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
                 gen.manual_seed(noise_seed(s["seed"], rank, step, i))
                 sync = nullcontext() if world_size == 1 or i == s["accum"] - 1 else raw_model_no_sync(model)
@@ -450,11 +450,13 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
             logged_steps += 1
 
             if step % args.log_every == 0 or step == args.steps:
-                totals = sums.clone()
+                totals = torch.cat([sums, torch.tensor([bad_since_log], dtype=sums.dtype, device=device)])
                 if world_size > 1:  # average over ranks (gloo and nccl both reduce CPU/GPU tensors)
                     dist.all_reduce(totals)
-                    totals /= world_size
-                values = (totals / logged_steps).tolist()  # the one host sync of a log step
+                    totals[:4] /= world_size
+                values = totals.tolist()  # the one host sync of a log step
+                values, bad_total = [v / logged_steps for v in values[:4]], bad_total + int(values[4])
+                bad_since_log = 0
                 rate = logged_steps * s["batch"] * s["accum"] * world_size / (time.perf_counter() - t_log)
                 if master:
                     log.writerow([step, epoch, *[f"{v:.6g}" for v in values[:3]], f"{lr:.3g}",

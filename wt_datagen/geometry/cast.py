@@ -17,6 +17,7 @@ import trimesh
 
 from ..camera import Camera
 from ..inputs.meshes import MeshError, mesh_problem
+from .cutout import apply_cutouts, check_cutouts
 from .kernels import count_candidates, pinhole_rays, resolve_layers
 
 # A hit whose barycentric coordinate is below this is near its triangle's border: the faces around its
@@ -111,12 +112,15 @@ class LayeredRaycaster:
             geometry node, its transform applied).
         backend: "open3d" (multi-threaded, default) or "embree" (embreex, one thread).
         num_threads: threads for casting, 0 for all cores (use 1 in each of several worker processes).
+        cutouts: None, or one ``geometry.cutout.Cutout`` (alphaMode MASK) or None per instance: crossings
+            where the surface is cut out are no crossings (``geometry/cutout.py``).
     """
 
-    def __init__(self, meshes, backend: str = "open3d", num_threads: int = 0):
+    def __init__(self, meshes, backend: str = "open3d", num_threads: int = 0, cutouts=None):
         self.num_threads = int(num_threads)
         inst = _instances(meshes)
         arrays = [_checked_arrays(name, mesh, T) for name, mesh, T in inst]
+        self.cutouts = check_cutouts(cutouts, [len(f) for _, f in arrays])
         self.instance_names = [name for name, _, _ in inst]
         nv = np.array([len(v) for v, _ in arrays])
         nf = np.array([len(f) for _, f in arrays])
@@ -207,6 +211,10 @@ class LayeredRaycaster:
         numba.set_num_threads(self.num_threads or numba.config.NUMBA_NUM_THREADS)
         try:
             out = self._cast_chunks(origins, dirs, rays32, out_rot, K, R)
+            # ---- cutouts (alphaMode MASK; geometry/cutout.py): drop cut crossings before num_hits and K ----
+            if self.cutouts is not None:
+                out = apply_cutouts(out, self.cutouts, K, lambda sel, k: self._cast_chunks(
+                    origins if len(origins) == 1 else origins[sel], dirs[sel], rays32[sel], out_rot, k, len(sel)))
         finally:
             numba.set_num_threads(threads)
         out["valid"] = np.arange(K)[:, None] < out["num_hits"][None]

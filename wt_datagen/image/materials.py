@@ -21,6 +21,8 @@ from functools import cached_property
 import numpy as np
 import trimesh
 
+from ..geometry.cutout import sample_bilinear
+
 DEFAULT_COLOUR = (0.8, 0.8, 0.8)  # surfaces without colour (pyrender's default material is white-ish too)
 DEFAULT_ROUGHNESS = 0.5  # materials that do not say (obj without Ns, vertex and face colours)
 
@@ -70,6 +72,8 @@ class Material:
             B metallic, linear), or None.
         emissive: (3,) linear RGB factor; emissive_texture: (h, w, 3) uint8 sRGB, or None.
         alpha_mode: "OPAQUE", "MASK" or "BLEND" (glTF); alpha_cutoff: MASK threshold.
+        wrap: the textures' (u, v) wrap modes: "repeat", "mirror" or "clamp" (glTF samplers).
+    Beside a texture, ``vertex_colours`` multiply it (glTF ``COLOR_0``).
     """
 
     source: str
@@ -85,6 +89,7 @@ class Material:
     emissive_texture: np.ndarray | None = None
     alpha_mode: str = "OPAQUE"
     alpha_cutoff: float = 0.5
+    wrap: tuple[str, str] = ("repeat", "repeat")
 
     @cached_property
     def texture_linear(self) -> np.ndarray:
@@ -141,6 +146,8 @@ def material_of(mesh: trimesh.Trimesh) -> Material:
     texture = _image_array(material.baseColorTexture, 4) if uv is not None else None
     emissive = np.zeros(3) if material.emissiveFactor is None else np.asarray(material.emissiveFactor, float)[:3]
     mr = _image_array(material.metallicRoughnessTexture, 3) if uv is not None else None
+    colours = mesh.vertex_attributes.get("color")  # glTF COLOR_0 beside a material (inputs.gltf)
+    colours = None if colours is None or len(colours) != len(mesh.vertices) else np.asarray(colours, np.uint8)
     return Material(
         "texture" if texture is not None else "material", factor, texture=texture, uv=uv,
         metallic=metallic_default if material.metallicFactor is None else float(material.metallicFactor),
@@ -148,7 +155,9 @@ def material_of(mesh: trimesh.Trimesh) -> Material:
         metallic_roughness=mr, emissive=emissive,
         emissive_texture=_image_array(material.emissiveTexture, 3) if uv is not None else None,
         alpha_mode=str(material.alphaMode or "OPAQUE").upper(),
-        alpha_cutoff=0.5 if material.alphaCutoff is None else float(material.alphaCutoff))
+        alpha_cutoff=0.5 if material.alphaCutoff is None else float(material.alphaCutoff),
+        vertex_colours=None if colours is None else colours[:, :4],
+        wrap=tuple(mesh.metadata.get("texture_wrap", ("repeat", "repeat"))))
 
 
 def material_rng(seed: int, item_id: str, instance: int) -> np.random.Generator:
@@ -170,44 +179,31 @@ def randomised(material: Material, cfg: MaterialConfig, rng: np.random.Generator
                     metallic=float(rng.uniform(*cfg.metallic)))
 
 
-def sample_bilinear(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
-    """(N, C) samples of an (h, w, C) float32 image at (N, 2) uv (v up, texture repeats), texel centres at
-    ((i + 0.5) / w, 1 - (j + 0.5) / h)."""
-    h, w = image.shape[:2]
-    flat = image.reshape(h * w, -1)
-    uv = np.nan_to_num(uv.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    x = uv[:, 0] * w - 0.5
-    y = (1.0 - uv[:, 1]) * h - 0.5
-    x0, y0 = np.floor(x), np.floor(y)
-    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
-    x0, y0 = x0.astype(np.int64) % w, y0.astype(np.int64) % h
-    x1, y1 = (x0 + 1) % w, (y0 + 1) % h
-    top = flat[y0 * w + x0] * (1 - fx) + flat[y0 * w + x1] * fx
-    bottom = flat[y1 * w + x0] * (1 - fx) + flat[y1 * w + x1] * fx
-    return top * (1 - fy) + bottom * fy
-
-
 def surface_colour(material: Material, faces: np.ndarray, face: np.ndarray, bary: np.ndarray,
                    linear: bool = False) -> np.ndarray:
     """(N, 3) float RGB in 0..1: the base colour at (N,) faces and (N, 2) barycentric coordinates.
 
-    faces: the mesh's (F, 3) vertex indices. The texture (through uv, bilinear, repeating) times the factor;
-    vertex colours interpolated; face colours; the material's colour otherwise. ``linear``: decode sRGB
-    before interpolating and return linear light; else display values (the 8-bit numbers over 255).
+    faces: the mesh's (F, 3) vertex indices. The texture (through uv, bilinear, the material's wrap modes)
+    times the factor and the vertex colours if any; vertex colours interpolated; face colours; the material's
+    colour otherwise. ``linear``: decode sRGB before interpolating and return linear light; else display
+    values (the 8-bit numbers over 255).
     """
     n = len(face)
     face = np.clip(face, 0, max(len(faces) - 1, 0))
     w = np.column_stack([1.0 - bary[:, 0] - bary[:, 1], bary[:, 0], bary[:, 1]])  # (N, 3) vertex weights
     tri = np.asarray(faces)[face]  # (N, 3) vertex indices
     factor = np.asarray(material.base_colour, dtype=np.float64)[:3]
-    if material.texture is not None:
-        texels = material.texture_linear if linear else material.texture_display
-        uv_hit = np.einsum("nkc,nk->nc", material.uv[tri], w)
-        return sample_bilinear(texels, uv_hit) * factor
+    tint = 1.0
     if material.vertex_colours is not None:
         colours = material.vertex_colours[:, :3] / np.float32(255.0)
         colours = srgb_to_linear(colours) if linear else colours
-        return np.einsum("nkc,nk->nc", colours[tri], w) * factor
+        tint = np.einsum("nkc,nk->nc", colours[tri], w)
+    if material.texture is not None:
+        texels = material.texture_linear if linear else material.texture_display
+        uv_hit = np.einsum("nkc,nk->nc", material.uv[tri], w)
+        return sample_bilinear(texels, uv_hit, material.wrap) * factor * tint
+    if material.vertex_colours is not None:
+        return tint * factor
     if material.face_colours is not None:
         colours = material.face_colours[face, :3] / np.float32(255.0)
         return (srgb_to_linear(colours) if linear else colours) * factor

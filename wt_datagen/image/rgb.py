@@ -9,18 +9,28 @@ Two ways to make it:
 - ``mode="raytrace"``: shading of the caster's layer 0 (texture looked up through face id + barycentric
   coordinates), a fallback for machines without OpenGL. It needs no GL and never fails on odd visuals.
 
-Both treat every surface as opaque and double-sided, as the caster does.
+Both treat every surface as opaque and double-sided, as the caster does, except alpha cutouts (glTF
+``alphaMode: MASK``; BLEND is turned into a cutout at load, ``inputs.assets.BLEND_CUTOFF``): pyrender discards
+the fragments whose base-colour alpha is below the cutoff (a patched copy of its fragment shader, bilinear
+sampling without mipmaps, the sampler's wrap modes), the test the caster applies per crossing
+(``geometry.cutout``); the ray tracer shades the caster's layer 0, which is cut already. Vertex colours
+multiply the base colour in both.
 """
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import trimesh
 
 from ..camera import Camera
+from ..geometry.cutout import Cutout
 from .lighting import (
     HEADLIGHT_AMBIENT,
     HEADLIGHT_INTENSITY,
@@ -72,13 +82,115 @@ def _renderer(width: int, height: int):
     key = (width, height)
     if key not in _RENDERERS:
         try:
-            _RENDERERS[key] = pyrender.OffscreenRenderer(width, height)
+            renderer = pyrender.OffscreenRenderer(width, height)
+            renderer._renderer._program_cache = _program_cache(pyrender)
+            _RENDERERS[key] = renderer
         except Exception as e:
             platform = os.environ.get("PYOPENGL_PLATFORM", "default")
             raise GLUnavailable(
                 f"no offscreen OpenGL context ({platform}: {type(e).__name__}: {e})"
             ) from None
     return _RENDERERS[key]
+
+
+# pyrender's fragment shader, patched: (1) MASK cutouts: a negative base-colour alpha factor -0.5 f / c marks a
+# cutout of factor f and cutoff c, and a fragment is discarded unless texture alpha * f >= c. A shader holding
+# `discard` loses early depth testing (OSMesa's llvmpipe then shades every fragment, hidden ones too), so the
+# test is compiled only into the programs of MASK primitives, told apart by a second uv set (TEXCOORD_1_LOC,
+# which pyrender defines for primitives with texcoord_1, and which nothing else here sets); (2) glTF's
+# metallic-roughness channels (roughness G, metallic B; pyrender reads R, G); (3) the emissive factor applied
+# once (pyrender multiplies it twice).
+_SHADER_PATCHES = [
+    ("""    base_color = base_color * srgb_to_linear(texture(material.base_color_texture, uv_0));
+#endif
+""", """    base_color = base_color * srgb_to_linear(texture(material.base_color_texture, uv_0));
+#endif
+#ifdef TEXCOORD_1_LOC
+    if (material.base_color_factor.a < 0.0) {  // wt_datagen: alphaMode MASK
+        if (base_color.a > -0.5) discard;
+        base_color.a = 1.0;
+    }
+#endif
+"""),
+    ("vec2 mr = texture(material.metallic_roughness_texture, uv_0).rg;",
+     "vec2 mr = texture(material.metallic_roughness_texture, uv_0).bg;"),
+    ("color.xyz += emissive * material.emissive_factor;", "color.xyz += emissive;"),
+]
+_SHADER_DIR: list[str] = []
+
+
+def _patched_shaders(pyrender) -> str:
+    """A folder (temporary, one per process) holding pyrender's shaders with :data:`_SHADER_PATCHES`."""
+    if _SHADER_DIR:
+        return _SHADER_DIR[0]
+    source = Path(pyrender.__file__).parent / "shaders"
+    folder = tempfile.mkdtemp(prefix="wt-shaders-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    for f in source.iterdir():
+        shutil.copy(f, folder)
+    frag = Path(folder) / "mesh.frag"
+    text = frag.read_text()
+    for old, new in _SHADER_PATCHES:
+        if old not in text:
+            raise GLUnavailable(f"pyrender's mesh.frag has changed (no {old.strip()[:50]!r}); cannot patch it")
+        text = text.replace(old, new)
+    frag.write_text(text)
+    _SHADER_DIR.append(folder)
+    return folder
+
+
+def _program_cache(pyrender):
+    """A shader program cache over :func:`_patched_shaders`, keyed by shader files and defines only.
+
+    pyrender keys its cache by the GL context object too, which PyOpenGL's OSMesa binding creates anew at
+    every call (equal hashes, unequal objects): every primitive of every render compiled its shaders again
+    and the cache grew without end (a 127-part asset: 2 s a view). One renderer has one context.
+    """
+    from pyrender.shader_program import ShaderProgram, ShaderProgramCache
+
+    class Cache(ShaderProgramCache):
+        def get_program(self, vertex_shader, fragment_shader, geometry_shader=None, defines=None):
+            defines = defines or {}
+            key = (vertex_shader, fragment_shader, geometry_shader, tuple(sorted(defines.items())))
+            if key not in self._program_cache:
+                vs, fs, gs = (os.path.join(self.shader_dir, f) if f else None
+                              for f in (vertex_shader, fragment_shader, geometry_shader))
+                self._program_cache[key] = ShaderProgram(vertex_shader=vs, fragment_shader=fs, geometry_shader=gs,
+                                                         defines=defines)
+            return self._program_cache[key]
+
+    return Cache(shader_dir=_patched_shaders(pyrender))
+
+
+_GL_WRAP = {"repeat": 10497, "mirror": 33648, "clamp": 33071}
+_GL_LINEAR = 9729
+
+
+def _mesh_visuals(pyrender, mesh: trimesh.Trimesh, pm) -> None:
+    """Give a pyrender mesh made from ``mesh``'s own visuals what pyrender leaves out: a MASK cutout (the same
+    :class:`Cutout` the caster applies), the textures' wrap modes, vertex colours beside a texture."""
+    cutout = Cutout.from_mesh(mesh)
+    wrap = tuple(mesh.metadata.get("texture_wrap", ("repeat", "repeat")))
+    colours = mesh.vertex_attributes.get("color") if mesh.visual.kind == "texture" else None
+    for prim in pm.primitives:
+        material = prim.material
+        filters = (_GL_LINEAR, _GL_LINEAR) if cutout is not None and cutout.alpha is not None else (None, None)
+        if wrap != ("repeat", "repeat") or filters[0] is not None:
+            for name in ("baseColorTexture", "emissiveTexture", "metallicRoughnessTexture"):
+                tex = getattr(material, name, None)
+                if tex is not None:
+                    tex.sampler = pyrender.Sampler(magFilter=filters[0], minFilter=filters[1],
+                                                   wrapS=_GL_WRAP[wrap[0]], wrapT=_GL_WRAP[wrap[1]])
+        if cutout is not None and (cutout.alpha is None or prim.texcoord_0 is None):
+            pm.is_visible = False  # the factor alone is below the cutoff: nothing of it is surface
+        elif cutout is not None:
+            factor = np.array(material.baseColorFactor, dtype=np.float32)
+            factor[3] = -0.5 * cutout.factor / cutout.cutoff  # the shader's MASK test (see _SHADER_PATCHES)
+            material.baseColorFactor = factor
+            material.alphaMode = "MASK"
+            prim.texcoord_1 = prim.texcoord_0  # selects the program with the test
+        if colours is not None and len(colours) == len(prim.positions):
+            prim.color_0 = np.asarray(colours, dtype=np.float32) / 255.0
 
 
 def _scene(meshes: list[trimesh.Trimesh], key: tuple[int, int], materials: list[Material] | None = None):
@@ -102,11 +214,15 @@ def _scene(meshes: list[trimesh.Trimesh], key: tuple[int, int], materials: list[
                 pm = pyrender.Mesh.from_trimesh(plain, material=pbr, smooth=True)
             else:
                 pm = pyrender.Mesh.from_trimesh(mesh, smooth=mesh.visual.kind != "face")
+                for prim in pm.primitives:
+                    prim.material.alphaMode = "OPAQUE"
+                _mesh_visuals(pyrender, mesh, pm)  # MASK cutouts (alphaMode MASK), wrap modes, vertex colours
         except Exception:  # visuals pyrender cannot take (odd materials): the geometry, plain grey
             pm = pyrender.Mesh.from_trimesh(trimesh.Trimesh(mesh.vertices, mesh.faces, process=False))
         for prim in pm.primitives:
-            # the caster sees every surface: no transparency, no back-face culling
-            prim.material.alphaMode = "OPAQUE"
+            # the caster sees every surface: no transparency (cutouts aside), no back-face culling
+            if prim.material.alphaMode != "MASK":
+                prim.material.alphaMode = "OPAQUE"
             prim.material.doubleSided = True
         # pyrender's own bounds use np.infty, gone in numpy 2 (its shadow maps ask for the scene's bounds)
         pm._bounds = np.asarray(mesh.bounds, dtype=np.float64)

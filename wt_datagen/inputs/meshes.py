@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 
-class MeshError(ValueError):
+class InputError(ValueError):
+    """Bad input (a file, a mesh, a sequence): the item is *skipped* with this one-line message and not
+    retried. Any other exception while rendering an item is unexpected: the item *fails* and is retried."""
+
+
+class MeshError(InputError):
     """A mesh the caster cannot use; the message is one line naming the mesh and the problem."""
 
 

@@ -2,9 +2,10 @@
 
 Two kinds of sequence are found in an asset folder next to static assets:
 
-- a *mesh sequence*: a folder whose mesh files are all named ``<prefix><frame number>.<ext>`` with the same
-  prefix, extension and number width (``frame_0000.obj``, ``frame_0001.obj``, ...), numbered without gaps,
-  with identical face arrays: one deforming mesh, vertex i being the same material point in every frame;
+- a *mesh sequence*: mesh files named ``<prefix><frame number>.<ext>`` with one prefix and extension in one
+  folder (``frame_0000.obj``, ``frame_0001.obj``, ...), numbered without gaps, with identical face arrays:
+  one deforming mesh, vertex i being the same material point in every frame. Found when the files really
+  hold one face array (:func:`same_faces`), or when a ``sequence.json`` marks the folder;
 - a *rigid-motion scene*: a ``scene.json`` (format in the README) listing meshes with one 4x4 pose per frame
   or keyframes (translation interpolated linearly, rotation by slerp).
 
@@ -15,9 +16,11 @@ their cameras are the pipeline's (``pipeline.cameras``).
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,14 +29,15 @@ import trimesh
 from scipy.spatial.transform import Rotation, Slerp
 
 from .assets import MESH_SUFFIXES, AssetError, asset_id_for, file_sha256, load_asset
-from .meshes import mesh_problem
+from .meshes import InputError, mesh_problem
 
 SCENE_FILE = "scene.json"
+SEQUENCE_FILE = "sequence.json"  # marks a folder's numbered mesh files as one mesh sequence
 _FRAME_STEM = re.compile(r"^(?P<prefix>.*?)(?P<number>\d+)$")
 _RIGID_ATOL = 1e-5
 
 
-class SequenceError(ValueError):
+class SequenceError(InputError):
     """A sequence that cannot be used; the message is one line naming the sequence and the problem."""
 
 
@@ -46,42 +50,184 @@ class SequenceSource:
         path: the frame folder (mesh sequence) or the ``scene.json`` file.
         files: the frame files in frame order (mesh sequence) or ``(scene.json,)``.
         numbers: the frame number parsed from each file name (mesh sequence; empty for a scene).
+        pattern: ``""`` when the frames are every mesh file of the folder, else the frames' names as a
+            pattern (``frame_*.obj``): a folder may hold other meshes (static assets) or other sequences.
     """
 
     kind: str
     path: Path
     files: tuple[Path, ...]
     numbers: tuple[int, ...] = ()
+    pattern: str = ""
+
+    def rel_path(self, asset_dir: Path) -> str:
+        """The item's path relative to ``asset_dir``: the folder, ``folder/pattern`` or ``folder/scene.json``."""
+        if self.kind == "rigid_scene":
+            return self.path.relative_to(asset_dir).as_posix()
+        rel = self.path.relative_to(asset_dir).as_posix() if self.path != Path(asset_dir) else self.path.name
+        return f"{rel}/{self.pattern}" if self.pattern else rel
 
 
-def find_sequences(asset_dir: Path) -> list[SequenceSource]:
-    """Every sequence under ``asset_dir``, sorted by path (hidden files and folders skipped). A folder
-    holding ``scene.json`` is a rigid scene (every file under it belongs to it); a folder whose mesh files
-    all look like numbered frames of one name (at least two of them) is a mesh sequence."""
+def _visible_files(asset_dir: Path) -> list[Path]:
+    return [p for p in sorted(asset_dir.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(asset_dir).parts)]
+
+
+def find_sequences(asset_dir: Path, detect: str = "auto") -> list[SequenceSource]:
+    """Every sequence under ``asset_dir``, sorted by path (hidden files and folders skipped).
+
+    - A folder holding ``scene.json`` is a rigid scene (every file under it belongs to it).
+    - A folder holding ``sequence.json`` is a mesh sequence: its mesh files (those matching the file's
+      ``frames`` pattern, if given) in frame-number order, whatever their faces (loading checks them).
+    - With ``detect="auto"``, the numbered mesh files of a folder sharing one name prefix and extension
+      (``frame_0000.obj``, ``frame_0001.obj``...; at least two) are a mesh sequence when they really are
+      one: every file holds the same face array (:func:`same_faces`, counts first, cheaply). Numbered but
+      unrelated meshes (``chair_0001.off``, ``100026.stl``, ``link1.obj``) stay static assets, every one.
+      ``detect="marked"`` takes only folders with ``sequence.json`` or ``scene.json``.
+    """
     asset_dir = Path(asset_dir)
-    paths = [p for p in sorted(asset_dir.rglob("*"))
-             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(asset_dir).parts)]
+    paths = _visible_files(asset_dir)
     found = [SequenceSource("rigid_scene", p, (p,)) for p in paths if p.name == SCENE_FILE]
     scene_dirs = {s.path.parent for s in found}
+    marked = {p.parent for p in paths if p.name == SEQUENCE_FILE and not scene_dirs.intersection(
+        (p.parent, *p.parents))}
     folders: dict[Path, list[Path]] = {}
     for p in paths:
         if p.suffix.lower() in MESH_SUFFIXES and not scene_dirs.intersection((p.parent, *p.parents)):
             folders.setdefault(p.parent, []).append(p)
-    found += [s for s in (_frame_source(files) for files in folders.values()) if s is not None]
-    return sorted(found, key=lambda s: s.path)
+    for folder, files in folders.items():
+        if folder in marked:
+            found.append(_marked_source(folder, files))
+        elif detect == "auto":
+            found += _detected_sources(files)
+    return sorted(found, key=lambda s: (s.path, s.pattern))
 
 
-def _frame_source(files: list[Path]) -> SequenceSource | None:
-    """The mesh sequence made of one folder's mesh files, or None when they do not look like one."""
-    parts = [_FRAME_STEM.match(f.stem) for f in files]
-    if len(files) < 2 or not all(parts):
+def _marked_source(folder: Path, files: list[Path]) -> SequenceSource:
+    """The mesh sequence a ``sequence.json`` marks (its ``frames`` glob, default every mesh file); frame
+    numbers are parsed at loading, which reports names without one."""
+    spec = _read_marker(folder / SEQUENCE_FILE, strict=False)
+    pattern = spec.get("frames") if isinstance(spec.get("frames"), str) else ""
+    chosen = [f for f in files if not pattern or fnmatch.fnmatchcase(f.name, pattern)]
+    numbers = [_FRAME_STEM.match(f.stem) for f in chosen]
+    order = sorted(range(len(chosen)), key=lambda i: (int(numbers[i]["number"]) if numbers[i] else -1,
+                                                        chosen[i].name))
+    return SequenceSource("mesh_sequence", folder, tuple(chosen[i] for i in order),
+                          tuple(int(numbers[i]["number"]) if numbers[i] else -1 for i in order),
+                          pattern if len(chosen) < len(files) else "")
+
+
+def _detected_sources(files: list[Path]) -> list[SequenceSource]:
+    """The mesh sequences among one folder's mesh files: numbered groups (one prefix, one extension, at
+    least two files, distinct numbers) whose files hold the same faces."""
+    groups: dict[tuple[str, str], list[tuple[int, Path]]] = {}
+    for f in files:
+        m = _FRAME_STEM.match(f.stem)
+        if m:
+            groups.setdefault((m["prefix"], f.suffix.lower()), []).append((int(m["number"]), f))
+    out = []
+    for (prefix, _), members in sorted(groups.items()):
+        members.sort()
+        numbers = [n for n, _ in members]
+        if len(members) < 2 or len(set(numbers)) != len(numbers):
+            continue
+        frames = [f for _, f in members]
+        if not same_faces(frames):
+            continue
+        pattern = "" if len(frames) == len(files) else f"{prefix}*{frames[0].suffix}"
+        out.append(SequenceSource("mesh_sequence", frames[0].parent, tuple(frames), tuple(numbers), pattern))
+    return out
+
+
+def _read_marker(path: Path, strict: bool = True) -> dict:
+    """``sequence.json``: ``{"fps": number, "frames": "glob"}``, both optional. ``strict``: raise
+    SequenceError on a bad file (loading); else return what can be read (discovery)."""
+    try:
+        spec = json.loads(path.read_text() or "{}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if strict:
+            raise SequenceError(f"{path.parent.name}: cannot parse {SEQUENCE_FILE}: {e}") from None
+        return {}
+    if not isinstance(spec, dict):
+        if strict:
+            raise SequenceError(f"{path.parent.name}: {SEQUENCE_FILE} must hold a JSON object")
+        return {}
+    if strict:
+        _check_keys(spec, {"fps", "frames"}, f"{path.parent.name}: {SEQUENCE_FILE}")
+        fps = spec.get("fps", 1.0)
+        if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not fps > 0:
+            raise SequenceError(f"{path.parent.name}: {SEQUENCE_FILE}: fps must be a positive number, got {fps!r}")
+        if not isinstance(spec.get("frames", ""), str):
+            raise SequenceError(f"{path.parent.name}: {SEQUENCE_FILE}: frames must be a file name pattern")
+    return spec
+
+
+# -- topology check of candidate frames ------------------------------------------------------------------
+
+def face_count(path: Path) -> int | None:
+    """The number of face records of a mesh file read from its header (PLY, OFF, binary STL) or by counting
+    face lines (OBJ, ASCII STL), without parsing coordinates; None for other formats or unreadable files."""
+    suffix = path.suffix.lower()
+    try:
+        with open(path, "rb") as f:
+            if suffix == ".ply":
+                head = f.read(1 << 16)
+                end = head.find(b"end_header")
+                m = re.search(rb"^element\s+face\s+(\d+)", head[: end if end >= 0 else None], re.M)
+                return int(m.group(1)) if m else None
+            if suffix == ".off":
+                tokens = []
+                for line in f:
+                    line = line.split(b"#", 1)[0].strip()
+                    if line.upper().startswith(b"OFF"):
+                        line = line[3:]
+                    tokens += line.split()
+                    if len(tokens) >= 2:
+                        return int(tokens[1])
+                return None
+            data = f.read()
+    except (OSError, ValueError):
         return None
-    if len({(m["prefix"], len(m["number"]), f.suffix.lower()) for m, f in zip(parts, files)}) != 1:
-        return None
-    numbers = [int(m["number"]) for m in parts]
-    order = np.argsort(numbers, kind="stable")
-    return SequenceSource("mesh_sequence", files[0].parent, tuple(files[i] for i in order),
-                          tuple(numbers[i] for i in order))
+    if suffix == ".stl":
+        if len(data) >= 84 and len(data) == 84 + 50 * struct.unpack_from("<I", data, 80)[0]:
+            return struct.unpack_from("<I", data, 80)[0]
+        return data.count(b"facet")
+    if suffix == ".obj":
+        return len(re.findall(rb"^[ \t]*f[ \t]", data, re.M))
+    return None
+
+
+def face_digest(path: Path) -> str:
+    """SHA-1 of the face array a frame file loads with (``process=False``, as frames are read): OBJ face
+    records (and the lines that order them) are hashed as text, other formats loaded. For STL, whose
+    triangles share no vertices, the digest is of the connectivity after merging equal positions."""
+    if path.suffix.lower() == ".obj":
+        data = path.read_bytes()
+        lines = re.findall(rb"^[ \t]*(?:f|usemtl|o|g)[ \t].*$", data, re.M)
+        return hashlib.sha1(b"\n".join(b" ".join(line.split()) for line in lines)).hexdigest()
+    mesh = trimesh.load(path, force="mesh", process=False)
+    faces = np.asarray(mesh.faces, dtype=np.int64)
+    if path.suffix.lower() == ".stl":
+        _, first, inverse = np.unique(np.asarray(mesh.vertices), axis=0, return_index=True, return_inverse=True)
+        rank = np.argsort(np.argsort(first))  # merged vertices numbered in order of first use
+        faces = rank[inverse.ravel()][faces]
+    return hashlib.sha1(str(faces.shape).encode() + faces.tobytes()).hexdigest()
+
+
+def same_faces(files: list[Path]) -> bool:
+    """Whether every file holds the same face array: face counts compared first (headers, no parsing),
+    then face digests, stopping at the first difference. A file that cannot be read makes it False (its
+    group then renders as static assets, which report it one by one)."""
+    counts = [face_count(files[0])]
+    for f in files[1:]:
+        counts.append(face_count(f))
+        if counts[-1] != counts[0]:
+            return False
+    try:
+        first = face_digest(files[0])
+        return all(face_digest(f) == first for f in files[1:])
+    except Exception:  # any parser failure: not a sequence we can vouch for
+        return False
 
 
 def static_files(paths: list[Path], sources: list[SequenceSource]) -> list[Path]:
@@ -91,16 +237,28 @@ def static_files(paths: list[Path], sources: list[SequenceSource]) -> list[Path]
     return [p for p in paths if p not in claimed and not scene_dirs.intersection(p.parents)]
 
 
+def mesh_sequence_source(folder: Path, frames: tuple[str, ...], pattern: str = "") -> SequenceSource:
+    """The mesh sequence of the named frame files of ``folder`` (as planned), in the given order."""
+    files = tuple(Path(folder) / f for f in frames)
+    numbers = [_FRAME_STEM.match(f.stem) for f in files]
+    return SequenceSource("mesh_sequence", Path(folder), files,
+                          tuple(int(m["number"]) if m else -1 for m in numbers), pattern)
+
+
 def source_at(path: Path) -> SequenceSource:
-    """The sequence at ``path``: a ``scene.json`` or a folder of frame files."""
+    """The sequence at ``path``: a ``scene.json``, a folder marked with ``sequence.json``, or a folder of
+    numbered frame files holding the same faces."""
     path = Path(path)
     if path.name == SCENE_FILE and path.is_file():
         return SequenceSource("rigid_scene", path, (path,))
     files = sorted(p for p in path.glob("*") if p.is_file() and p.suffix.lower() in MESH_SUFFIXES)
-    source = _frame_source(files) if path.is_dir() else None
-    if source is None:
-        raise SequenceError(f"{path.name}: not a sequence (no {SCENE_FILE}, no numbered frame files)")
-    return source
+    if path.is_dir() and (path / SEQUENCE_FILE).is_file():
+        return _marked_source(path, files)
+    sources = [s for s in _detected_sources(files) if not s.pattern] if path.is_dir() else []
+    if not sources:
+        raise SequenceError(f"{path.name}: not a sequence (no {SCENE_FILE}, no {SEQUENCE_FILE}, no numbered "
+                            "frame files with one face array)")
+    return sources[0]
 
 
 def frame_count(source: SequenceSource) -> int:
@@ -116,10 +274,13 @@ def frame_count(source: SequenceSource) -> int:
 
 
 def sequence_id(source: SequenceSource, asset_dir: Path) -> str:
-    """The asset id of the folder relative to ``asset_dir``: ``walk/frames`` -> ``walk__frames``."""
-    folder = source.path.parent if source.kind == "rigid_scene" else source.path
-    rel = folder.relative_to(asset_dir) if folder != Path(asset_dir) else Path(source.path.name)
-    return asset_id_for(rel.as_posix())
+    """The item id of a sequence: of its folder relative to ``asset_dir`` (``walk/frames`` ->
+    ``walk__frames``), with the frames' pattern when the folder holds more (``walk/frame_*.obj``)."""
+    if source.kind == "rigid_scene":
+        folder = source.path.parent
+        rel = folder.relative_to(asset_dir) if folder != Path(asset_dir) else Path(source.path.name)
+        return asset_id_for(rel.as_posix())
+    return asset_id_for(source.rel_path(Path(asset_dir)))
 
 
 @dataclass
@@ -199,6 +360,9 @@ def load_sequence(source: SequenceSource, asset_dir: Path, fps: float = 24.0,
     """
     sid = sequence_id(source, Path(asset_dir))
     if source.kind == "mesh_sequence":
+        marker = source.path / SEQUENCE_FILE
+        if marker.is_file():
+            fps = _read_marker(marker).get("fps", fps)
         return _load_mesh_sequence(source, sid, fps, max_faces)
     return _load_rigid_scene(source, sid, max_faces)
 
@@ -208,7 +372,7 @@ def _check_faces(sid: str, faces: int, max_faces: int | None) -> None:
         raise SequenceError(f"{sid}: too many triangles ({faces} > cap {max_faces})")
 
 
-def _digest(paths: list[Path]) -> str:
+def files_digest(paths: list[Path]) -> str:
     """sha256 over each file's name and sha256."""
     return hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}\n" for p in paths).encode()).hexdigest()
 
@@ -230,6 +394,11 @@ def _load_mesh(path: Path, sid: str) -> trimesh.Trimesh:
 
 
 def _load_mesh_sequence(source: SequenceSource, sid: str, fps: float, max_faces: int | None) -> MeshSequence:
+    if len(source.files) < 2:
+        raise SequenceError(f"{sid}: a mesh sequence needs at least two frame files, found {len(source.files)}")
+    unnumbered = [f.name for f, n in zip(source.files, source.numbers) if n < 0]
+    if unnumbered:
+        raise SequenceError(f"{sid}: frame file {unnumbered[0]} has no frame number at the end of its name")
     numbers = np.asarray(source.numbers)
     expected = np.arange(numbers[0], numbers[0] + len(numbers))
     if len(np.unique(numbers)) != len(numbers):
@@ -253,7 +422,7 @@ def _load_mesh_sequence(source: SequenceSource, sid: str, fps: float, max_faces:
                                 "a mesh sequence needs identical topology in every frame")
         lo, hi = np.minimum(lo, mesh.bounds[0]), np.maximum(hi, mesh.bounds[1])
     return MeshSequence(sid, source, len(source.files), float(fps), [source.path.name], np.stack([lo, hi]),
-                        _digest(list(source.files)))
+                        files_digest(list(source.files)))
 
 
 _SCENE_KEYS = {"fps", "num_frames", "objects"}
@@ -306,7 +475,7 @@ def _load_rigid_scene(source: SequenceSource, sid: str, max_faces: int | None) -
     if len(set(names)) != len(names):
         raise SequenceError(f"{sid}: {path.name}: object names must be unique")
     _check_faces(sid, sum(len(m.faces) for m in meshes), max_faces)
-    return RigidScene(sid, source, T, float(fps), names, np.stack([lo, hi]), _digest(files),
+    return RigidScene(sid, source, T, float(fps), names, np.stack([lo, hi]), files_digest(files),
                       object_meshes=meshes, poses=np.stack(poses))
 
 

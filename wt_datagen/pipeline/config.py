@@ -53,11 +53,14 @@ class CameraConfig:
 class AssetConfig:
     """How assets are loaded: ``up_axis`` is the assets' up (y: glTF, Objaverse, ShapeNet; z: CAD, robotics,
     pybullet_data), turned to the world's y; ``normalise`` fits each into the unit box; bigger meshes than
-    ``max_faces`` triangles (all instances together) are skipped."""
+    ``max_faces`` triangles (all instances together) are skipped; an asset whose material library or texture
+    file is missing is rendered untextured with a warning (``missing_texture: untextured``) or skipped
+    (``skip``)."""
 
     up_axis: str = "y"
     normalise: bool = True
     max_faces: int = 2_000_000
+    missing_texture: Literal["untextured", "skip"] = "untextured"
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,12 @@ class SequenceConfig:
     wherever no track of the layer lands within half a stride; ``dynamic_rtol`` times the scene size is the
     motion above which a point is dynamic; ``scene_flow`` stores every crossing's next-frame position;
     ``backfill_memory_mb`` bounds the earlier frames' casters kept to fill tracks seeded later (speed only);
-    ``fps`` times mesh sequences (a scene.json gives its own).
+    ``fps`` times mesh sequences (a scene.json or sequence.json gives its own). ``detect``: ``auto`` takes a
+    folder's numbered mesh files as a mesh sequence when they hold one face array; ``marked`` only folders
+    holding ``sequence.json`` (and ``scene.json`` scenes).
     """
 
+    detect: Literal["auto", "marked"] = "auto"
     clips: int = 1
     clip_length: int = 48
     frame_stride: int = 1
@@ -148,7 +154,8 @@ class SequenceConfig:
 
 @dataclass(frozen=True)
 class RenderConfig:
-    """A resolved render config. ``workers`` changes only how fast, never what is rendered."""
+    """A resolved render config. ``workers`` changes only how fast, never what is rendered; ``max_crashes``
+    only how often an item that kills its worker process is tried (then it is failed)."""
 
     name: str = ""
     views: int = 24
@@ -156,6 +163,7 @@ class RenderConfig:
     layers: int = 8
     seed: int = 0
     workers: int = 1
+    max_crashes: int = 2
     backend: Literal["open3d", "embree"] = "open3d"
     cameras: CameraConfig = field(default_factory=CameraConfig)
     assets: AssetConfig = field(default_factory=AssetConfig)
@@ -170,9 +178,10 @@ class RenderConfig:
 
     @property
     def hash(self) -> str:
-        """16 hex digits over every setting that changes the samples (all but ``workers``)."""
+        """16 hex digits over every setting that changes the samples (all but ``workers`` and ``max_crashes``)."""
         d = self.to_dict()
         d.pop("workers")
+        d.pop("max_crashes")
         d["sequences"].pop("backfill_memory_mb")  # how fast, not what
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -268,7 +277,7 @@ def _check_values(cfg: RenderConfig, path: Path) -> None:
         if not cond:
             raise ConfigError(f"{path}: key '{key}' {what}, got {value!r}")
 
-    for key in ("views", "resolution", "layers", "workers"):
+    for key in ("views", "resolution", "layers", "workers", "max_crashes"):
         need(getattr(cfg, key) >= 1, key, "must be at least 1", getattr(cfg, key))
     need(cfg.seed >= 0, "seed", "must be non-negative", cfg.seed)
     c = cfg.cameras

@@ -14,14 +14,16 @@ import os
 import tarfile
 import tempfile
 from functools import partial
+from pathlib import Path
 
 import trimesh
 
 from .. import __version__
 from ..geometry.cast import LayeredRaycaster
+from ..geometry.cutout import cutouts_for
 from ..geometry.tracks import ClipTracker, cameras_json
 from ..inputs.assets import asset_to_world
-from ..inputs.sequences import load_sequence, source_at
+from ..inputs.sequences import SequenceSource, load_sequence, mesh_sequence_source, source_at
 from ..schema import (
     SCHEMA_VERSION,
     encode_json,
@@ -99,11 +101,19 @@ class SampleSpool:
                 pass
 
 
+def sequence_source(item: WorkItem) -> SequenceSource:
+    """The sequence a planned item names: its frame files (``frames``, a mesh sequence) or its path."""
+    if item.frames:
+        last = item.rel_path.rsplit("/", 1)[-1]
+        return mesh_sequence_source(Path(item.path), item.frames, last if "*" in last else "")
+    return source_at(Path(item.path))
+
+
 def render_sequence(item: WorkItem, cfg: RenderConfig, asset_dir: str, progress: ProgressFn) -> ItemResult:
     """All clips of one sequence; frames are cast, imaged, encoded and spooled one at a time."""
     clock = Clock()
     q = cfg.sequences
-    seq = load_sequence(source_at(item.path), asset_dir, fps=q.fps, max_faces=cfg.assets.max_faces)
+    seq = load_sequence(sequence_source(item), asset_dir, fps=q.fps, max_faces=cfg.assets.max_faces)
     if cfg.assets.normalise:  # one transform for the whole sequence: its box over all frames
         box = trimesh.PointCloud(trimesh.bounds.corners(seq.local_bounds))
         seq.asset_to_world = asset_to_world([box])
@@ -117,8 +127,7 @@ def render_sequence(item: WorkItem, cfg: RenderConfig, asset_dir: str, progress:
     for c in range(q.clips):
         clip = make_clip(seq, c, q, cfg.seed, cfg.resolution, cfg.resolution)
         tracker = ClipTracker(seq, clip, cfg.layers, q.query_stride, q.query_frame,
-                              make_raycaster=partial(LayeredRaycaster, backend=cfg.backend,
-                                                     num_threads=caster_threads(cfg)),
+                              make_raycaster=partial(_raycaster, backend=cfg.backend, num_threads=caster_threads(cfg)),
                               query_every=q.query_every, scene_flow=q.scene_flow, dynamic_rtol=q.dynamic_rtol,
                               backfill_bytes=q.backfill_memory_mb << 20)
         # one lighting per clip (a video does not flicker), drawn with its first camera and its bounds
@@ -146,8 +155,13 @@ def render_sequence(item: WorkItem, cfg: RenderConfig, asset_dir: str, progress:
     times = {k: v for k, v in clock.seconds.items() if k != "frames"}
     times.update({k: times.get(k, 0.0) + v for k, v in seconds.items()})
     status = ItemStatus(item.rel_path, item.kind, seq.sequence_id, "rendered", samples=len(spool),
-                        image=image_mode, seconds=times)
+                        image=image_mode, seconds=times, sha256=seq.sha256)
     return ItemResult(status, spool)
+
+
+def _raycaster(meshes, backend: str, num_threads: int) -> LayeredRaycaster:
+    """A frame's caster, alpha cutouts of the meshes' materials applied."""
+    return LayeredRaycaster(meshes, backend=backend, num_threads=num_threads, cutouts=cutouts_for(meshes))
 
 
 def tracks_sample(tracker: ClipTracker, meta: dict, npz_level: int = 1) -> dict[str, bytes]:

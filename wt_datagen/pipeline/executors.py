@@ -18,18 +18,19 @@ times; what a dead attempt left is removed by :meth:`~wt_datagen.pipeline.shards
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import hashlib
 import logging
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
-import queue
 import secrets
+import signal
 import socket
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 from .config import RenderConfig
 from .items import ItemResult, ProgressFn, WorkItem
@@ -38,16 +39,85 @@ from .shards import ItemStatus, ShardSet, ShardWriter, WrittenShard
 
 # -- local executor ------------------------------------------------------------------------------------
 
-_progress_queue = None  # set in each worker process
+
+class Attempts(Protocol):
+    """The item history an executor keeps (:class:`~wt_datagen.pipeline.shards.ShardSet` is one)."""
+
+    def started(self, path: str, pid: int) -> None: ...
+    def died(self, path: str, reason: str) -> int: ...
+    def suspect(self, path: str) -> bool: ...
 
 
-def _init_worker(progress_queue) -> None:
-    global _progress_queue
-    _progress_queue = progress_queue
+class _NoHistory:
+    """Attempts kept in memory only (executors called without a journal)."""
+
+    def __init__(self) -> None:
+        self.deaths: Counter = Counter()
+
+    def started(self, path: str, pid: int) -> None:
+        pass
+
+    def died(self, path: str, reason: str) -> int:
+        self.deaths[path] += 1
+        return self.deaths[path]
+
+    def suspect(self, path: str) -> bool:
+        return False
 
 
-def _worker_render(item: WorkItem, cfg: RenderConfig, asset_dir: str) -> ItemResult:
-    return render_item(item, cfg, asset_dir, lambda path, n: _progress_queue.put((path, n)))
+def death_reason(exitcode: int | None) -> str:
+    """What ended a worker process, from its exit code."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def crash_result(item: WorkItem, deaths: int, reason: str) -> ItemResult:
+    reason = f"killed its worker process {deaths} times (last: {reason}); not retried"
+    return ItemResult(ItemStatus(item.rel_path, item.kind, item.item_id, status="failed", reason=reason))
+
+
+def _worker_main(conn, cfg: RenderConfig, asset_dir: str) -> None:
+    """A worker process: render the items the parent sends, one at a time, until it sends None."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and ends the workers
+
+    def progress(path: str, n: int) -> None:
+        conn.send(("progress", path, n))
+
+    while True:
+        try:
+            item = conn.recv()
+        except EOFError:
+            return
+        if item is None:
+            return
+        conn.send(("result", render_item(item, cfg, asset_dir, progress)))
+
+
+class _Worker:
+    """One worker process and its pipe; ``job`` is the (plan index, item) it is rendering."""
+
+    def __init__(self, ctx, cfg: RenderConfig, asset_dir: str):
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(child, cfg, asset_dir), daemon=True)
+        self.process.start()
+        child.close()
+        self.job: tuple[int, WorkItem] | None = None
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
 
 
 def execute_local(
@@ -57,54 +127,109 @@ def execute_local(
     workers: int,
     on_result: Callable[[ItemResult], None],
     progress: ProgressFn,
+    attempts: Attempts | None = None,
 ) -> None:
-    """Render ``items`` in ``workers`` processes ('spawn': the caster's thread pools do not survive fork);
-    ``on_result`` gets the results in plan order. At most 2 x workers items are in flight or waiting, which
-    bounds memory. A worker that dies fails its item and the pool is started again."""
-    if workers == 1:
-        for item in items:
-            on_result(render_item(item, cfg, asset_dir, progress))
+    """Render ``items``; ``on_result`` gets the results in plan order.
+
+    With ``workers`` 1 items render in this process, except *suspects* (started by an earlier run and never
+    ended: perhaps they killed it), which render in a worker process. Otherwise in ``workers`` processes
+    ('spawn': the caster's thread pools do not survive fork), at most 2 x workers items in flight or waiting,
+    which bounds memory. Every item is journaled (``attempts.started``, with the worker's pid) before it runs.
+    A worker that dies takes only its own item down: the death is journaled against that item, the worker is
+    replaced, and the item runs again until it has killed ``cfg.max_crashes`` workers (over all runs); it is
+    then failed (not retried) and the run goes on.
+    """
+    attempts = attempts or _NoHistory()
+    if workers > 1:
+        _Pool(items, cfg, asset_dir, workers, on_result, progress, attempts).run()
         return
-    ctx = mp.get_context("spawn")
-    progress_queue = ctx.Queue()
+    for item in items:
+        if attempts.suspect(item.rel_path):  # isolated: if it kills its process, this run survives
+            _Pool([item], cfg, asset_dir, 1, on_result, progress, attempts).run()
+        else:
+            attempts.started(item.rel_path, os.getpid())
+            on_result(render_item(item, cfg, asset_dir, progress))
 
-    def drain() -> None:
-        while True:
+
+class _Pool:
+    """Worker processes rendering a plan, results handed on in plan order (see :func:`execute_local`)."""
+
+    def __init__(self, items, cfg, asset_dir, workers, on_result, progress, attempts: Attempts):
+        self.items, self.cfg, self.asset_dir = items, cfg, asset_dir
+        self.on_result, self.progress, self.attempts = on_result, progress, attempts
+        self.size = workers
+        self.ctx = mp.get_context("spawn")
+        self.workers: list[_Worker] = []
+        self.done: dict[int, ItemResult] = {}
+        self.queue: list[int] = []  # plan indices waiting for a worker, in order
+        self.next_index = 0  # next plan index not yet queued
+        self.flushed = 0  # results handed on so far
+
+    def run(self) -> None:
+        try:
+            while self.flushed < len(self.items):
+                limit = self.flushed + 2 * self.size
+                while self.next_index < min(len(self.items), limit):
+                    self.queue.append(self.next_index)
+                    self.next_index += 1
+                self._assign()
+                self._wait()
+                while self.flushed in self.done:
+                    self.on_result(self.done.pop(self.flushed))
+                    self.flushed += 1
+        finally:
+            for w in self.workers:
+                if w.job is not None:  # interrupted mid-item: no point waiting for it
+                    w.process.kill()
+                w.stop()
+
+    def _assign(self) -> None:
+        idle = [w for w in self.workers if w.job is None]
+        while self.queue and (idle or len(self.workers) < self.size):
+            if not idle:
+                self.workers.append(_Worker(self.ctx, self.cfg, self.asset_dir))
+                idle.append(self.workers[-1])
+            w = idle.pop(0)
+            index = self.queue.pop(0)
+            item = self.items[index]
+            self.attempts.started(item.rel_path, w.process.pid)  # journaled before it runs
+            w.job = (index, item)
             try:
-                progress(*progress_queue.get_nowait())
-            except queue.Empty:
-                return
+                w.conn.send(item)
+            except OSError:  # it died already (killed from outside): a death under this item
+                w.process.join()
+                self._died(w)
 
-    def new_pool() -> cf.ProcessPoolExecutor:
-        return cf.ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_init_worker, initargs=(progress_queue,)
-        )
-
-    pool, futures = new_pool(), {}
-    nxt = 0
-    try:
-        for i, item in enumerate(items):
-            while nxt < len(items) and nxt - i < 2 * workers:
-                futures[nxt] = pool.submit(_worker_render, items[nxt], cfg, asset_dir)
-                nxt += 1
-            while not futures[i].done():
-                cf.wait([futures[i]], timeout=0.1)
-                drain()
+    def _wait(self) -> None:
+        busy = [w for w in self.workers if w.job is not None]
+        if not busy:
+            return
+        mp_connection.wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=0.2)
+        for w in busy:
             try:
-                result = futures.pop(i).result()
-            except Exception as e:  # render_item catches per-item errors: this is the process or the transport
-                reason = f"worker: {type(e).__name__}: {e}"
-                result = ItemResult(ItemStatus(item.rel_path, item.kind, status="failed", reason=reason))
-                if isinstance(e, cf.process.BrokenProcessPool):
-                    # a worker died (which item killed it is unknown): fail this one, resubmit the others
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    pool = new_pool()
-                    for j in futures:
-                        futures[j] = pool.submit(_worker_render, items[j], cfg, asset_dir)
-            drain()
-            on_result(result)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+                while w.job is not None and w.conn.poll():
+                    kind, *payload = w.conn.recv()
+                    if kind == "progress":
+                        self.progress(*payload)
+                    else:
+                        self.done[w.job[0]] = payload[0]
+                        w.job = None
+            except (EOFError, OSError):
+                pass
+            if w.job is not None and not w.process.is_alive():
+                self._died(w)
+
+    def _died(self, w: _Worker) -> None:
+        index, item = w.job
+        w.process.join()
+        reason = death_reason(w.process.exitcode)
+        w.conn.close()
+        self.workers.remove(w)
+        deaths = self.attempts.died(item.rel_path, reason)
+        if deaths >= self.cfg.max_crashes:
+            self.done[index] = crash_result(item, deaths, reason)
+        else:
+            self.queue.insert(0, index)  # again, in a new worker, before the items after it
 
 
 # -- scale-out ----------------------------------------------------------------------------------------
@@ -159,9 +284,11 @@ class RayExecutor:
     max_retries: int = 3
 
     def __call__(self, items: list[WorkItem], cfg: RenderConfig, asset_dir: str, workers: int,
-                 on_result: Callable[[ItemResult | WrittenShard], None], progress: ProgressFn) -> None:
+                 on_result: Callable[[ItemResult | WrittenShard], None], progress: ProgressFn,
+                 attempts: Attempts | None = None) -> None:
         if not items:
             return
+        attempts = attempts or _NoHistory()
         import ray
 
         try:
@@ -175,11 +302,11 @@ class RayExecutor:
                 "--executor ray: cannot start a local Ray instance"
             raise ExecutorError(f"{what} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         try:
-            self._run(ray, items, cfg, asset_dir, on_result, progress)
+            self._run(ray, items, cfg, asset_dir, on_result, progress, attempts)
         finally:
             ray.shutdown()
 
-    def _run(self, ray, items, cfg, asset_dir, on_result, progress) -> None:
+    def _run(self, ray, items, cfg, asset_dir, on_result, progress, attempts: Attempts) -> None:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         # about one shard's worth per task, and at least two tasks per CPU while there are items for them
         size = max(1, min(self.shards.max_samples // cfg.views, -(-len(items) // (2 * cpus))))
@@ -195,45 +322,59 @@ class RayExecutor:
         gl_platform = os.environ.get("PYOPENGL_PLATFORM", "")
         run = secrets.token_hex(4)
         reported = Counter()  # views reported per item, taken back if its task dies
+        running: dict[str, str] = {}  # task prefix -> the item it started last (tasks render in order)
 
-        def submit(i: int, attempt: int):
+        def submit(i: int, attempt: int, retries: int):
             prefix = f"{self.shards.prefix}-r{run}-t{i:05d}a{attempt}"
             ref = task.remote(chunks[i], task_cfg, root, out_dir, prefix, limits, reporter, gl_platform)
-            pending[ref] = (i, attempt)
+            pending[ref] = (i, attempt, retries, prefix)
 
         def drain() -> None:
-            for path, n in ray.get(reporter.take.remote()):
-                reported[path] += n
-                progress(path, n)
+            for report in ray.get(reporter.take.remote()):
+                if report[0] == "start":  # (start, task prefix, path, pid): journaled before the item runs
+                    running[report[1]] = report[2]
+                    attempts.started(report[2], report[3])
+                else:
+                    reported[report[1]] += report[2]
+                    progress(report[1], report[2])
 
         pending: dict = {}
         for i in range(len(chunks)):
-            submit(i, 0)
+            submit(i, 0, 0)
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
                 drain()  # a finished task's reports are in (it waits for them before returning)
                 for ref in ready:
-                    i, attempt = pending.pop(ref)
+                    i, attempt, retries, prefix = pending.pop(ref)
                     try:
                         written, others = ray.get(ref)
                     except ray.exceptions.RayError as e:
                         for it in chunks[i]:  # the next attempt reports its views again
                             progress(it.rel_path, -reported.pop(it.rel_path, 0))
-                        if attempt < self.max_retries:
-                            submit(i, attempt + 1)
-                            continue
                         msg = str(e).strip().splitlines()
-                        reason = f"ray task died {attempt + 1} times: {type(e).__name__}: {msg[0] if msg else ''}"
+                        reason = f"ray task died: {type(e).__name__}: {msg[0] if msg else ''}"[:300]
+                        culprit = next((it for it in chunks[i] if it.rel_path == running.get(prefix)), None)
+                        if culprit is not None:  # the item it was rendering: a death of its own
+                            if attempts.died(culprit.rel_path, reason) >= cfg.max_crashes:
+                                on_result(crash_result(culprit, cfg.max_crashes, reason))
+                                chunks[i] = [it for it in chunks[i] if it is not culprit]
+                            if chunks[i]:
+                                submit(i, attempt + 1, retries)
+                            continue
+                        if retries < self.max_retries:
+                            submit(i, attempt + 1, retries + 1)
+                            continue
                         for it in chunks[i]:
-                            on_result(ItemResult(ItemStatus(it.rel_path, it.kind, status="failed", reason=reason)))
+                            on_result(ItemResult(ItemStatus(it.rel_path, it.kind, it.item_id, status="failed",
+                                                            reason=f"{reason} ({retries + 1} times)")))
                         continue
                     for it in chunks[i]:
                         reported.pop(it.rel_path, None)
                     for shard in written:
                         on_result(shard)
-                    for st in others:
-                        on_result(ItemResult(st))
+                    for result in others:
+                        on_result(result)
         finally:
             for ref in pending:  # interrupted: stop the tasks still running (their files are swept later)
                 ray.cancel(ref, force=True)
@@ -250,20 +391,24 @@ class _Progress:
     """A Ray actor: views done, reported by the tasks as they go, taken by the driver for its progress bar."""
 
     def __init__(self) -> None:
-        self._reports: list[tuple[str, int]] = []
+        self._reports: list[tuple] = []
 
     def add(self, path: str, n: int) -> None:
-        self._reports.append((path, n))
+        self._reports.append(("progress", path, n))
 
-    def take(self) -> list[tuple[str, int]]:
+    def start(self, prefix: str, path: str, pid: int) -> None:
+        self._reports.append(("start", prefix, path, pid))
+
+    def take(self) -> list[tuple]:
         reports, self._reports = self._reports, []
         return reports
 
 
 def _render_chunk(items: list[WorkItem], cfg: RenderConfig, asset_dir: str, out_dir: str, prefix: str,
-                  limits: tuple[int, int], reporter, gl_platform: str) -> tuple[list[WrittenShard], list[ItemStatus]]:
-    """A Ray task: render ``items`` in order into shards ``{prefix}-NNNNNN.tar`` of ``out_dir``; returns the
-    shards written and the statuses of the items without samples (skipped or failed)."""
+                  limits: tuple[int, int], reporter, gl_platform: str) -> tuple[list[WrittenShard], list[ItemResult]]:
+    """A Ray task: render ``items`` in order into shards ``{prefix}-NNNNNN.tar`` of ``out_dir``, telling the
+    driver which item starts before it runs; returns the shards written and the results of the items
+    without samples (skipped or failed)."""
     import ray
 
     if gl_platform:  # the driver's OpenGL platform, before pyrender is imported (late, by items.item_image)
@@ -276,11 +421,12 @@ def _render_chunk(items: list[WorkItem], cfg: RenderConfig, asset_dir: str, out_
         last = reporter.add.remote(path, n)
 
     for item in items:
+        ray.get(reporter.start.remote(prefix, item.rel_path, os.getpid()))  # the driver knows before it runs
         result = render_item(item, cfg, asset_dir, report)
         if result.status.status == "rendered":
             writer.add(result.status, result.samples)
         else:
-            others.append(result.status)
+            others.append(result)
     writer.flush()
     if last is not None:
         ray.get(last)  # one caller's actor calls run in order: every report is in before the driver hears

@@ -33,19 +33,24 @@ from .shards import ItemStatus
 @dataclass(frozen=True)
 class WorkItem:
     """One unit of work. ``kind`` selects the function that renders it (:data:`RENDERERS`);
-    ``rel_path`` (relative to ASSET_DIR, POSIX) identifies it in the journal and the manifest."""
+    ``rel_path`` (relative to ASSET_DIR, POSIX) identifies it in the journal and the manifest; ``item_id`` is
+    the key its samples start with; ``frames`` names a mesh sequence's frame files in its folder ``path``."""
 
     kind: str
     path: str
     rel_path: str
+    item_id: str = ""
+    frames: tuple[str, ...] = ()
 
 
 @dataclass
 class ItemResult:
-    """A rendered item's samples (dicts of bytes, webdataset-ready) and its status."""
+    """A rendered item's samples (dicts of bytes, webdataset-ready) and its status; ``traceback`` of an
+    unexpected failure (written to the output folder's failure log, not to the manifest)."""
 
     status: ItemStatus
     samples: list[dict] = field(default_factory=list)
+    traceback: str = ""
 
 
 ProgressFn = Callable[[str, int], None]  # (rel_path, views done since the last call)

@@ -21,7 +21,7 @@ from ..inputs.assets import AssetError
 from .config import ConfigError, RenderConfig, load_config
 from .executors import ExecutorError, execute_local, part_name, ray_executor, select_part
 from .items import ItemResult, WorkItem, check_image_setup
-from .plan import plan_items, planned_views
+from .plan import content_hash, content_stamp, plan_items, planned_views
 from .shards import ItemStatus, ResumeError, ShardSet, WrittenShard
 
 
@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="render only the first N assets (sorted by path)")
     parser.add_argument("--overwrite", action="store_true",
                         help="remove earlier shards in --out and start afresh")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="resume although the package version or rendered assets changed since: keep the "
+                             "samples already written and render the rest")
     parser.add_argument("--strict", action="store_true",
                         help="exit non-zero if any asset was skipped or failed")
     # scale-out (executors.py)
@@ -55,58 +58,105 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("views", "resolution", "layers", "seed", "workers")}
+    shards = None
     try:
-        cfg = load_config(args.config, overrides)
-        image = check_image_setup(cfg)  # Mitsuba, environment images: fail now, not half-way
-        if args.limit is not None and args.limit < 1:
-            raise ConfigError(f"--limit must be at least 1, got {args.limit}")
-        items = plan_items(args.asset_dir, args.limit)
-        if not items:
-            raise AssetError(f"{args.asset_dir}: no mesh files found")
-        mine = select_part(items, args.shard_index, args.num_shards)  # this job's part
-        shards = ShardSet(
-            args.out,
-            cfg.shards.max_samples,
-            int(cfg.shards.max_megabytes * 1e6),
-            header={"config_hash": cfg.hash},
-            manifest_info={"version": __version__, "asset_dir": str(args.asset_dir), "config_hash": cfg.hash,
-                           "config": cfg.to_dict()},
-            part=part_name(args.shard_index, args.num_shards),
-        )
-        execute = execute_local if args.executor == "local" else ray_executor(shards, args.ray_address,
-                                                                                args.max_retries)
-        done = shards.open(overwrite=args.overwrite)
-    except (ConfigError, AssetError, ResumeError, ExecutorError) as e:
-        print(f"render: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"render: {e.filename}: {e.strerror}", file=sys.stderr)
-        return 2
-    todo = [it for it in mine if it.rel_path not in done]
-    if len(todo) < len(mine):
-        print(f"resuming: {len(mine) - len(todo)} of {len(mine)} assets already done in {args.out}")
-    try:
-        stats = run_items(todo, cfg, str(args.asset_dir), shards, execute)
-    except KeyboardInterrupt:
-        shards.write_manifest(complete=False)
-        print(f"\ninterrupted: {len(shards.statuses)} assets done; the same command resumes", file=sys.stderr)
-        return 130
-    except ExecutorError as e:
-        print(f"render: {e}", file=sys.stderr)
-        return 2
-    shards.close([it.rel_path for it in items])
-    if not mine:  # more parts than assets
-        print(f"part {args.shard_index} of {args.num_shards}: no assets fall in it")
-        return 0
-    return _summary(mine, shards, stats, strict=args.strict, image=image)
+        try:
+            cfg = load_config(args.config, overrides)
+            image = check_image_setup(cfg)  # Mitsuba, environment images: fail now, not half-way
+            if args.limit is not None and args.limit < 1:
+                raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+            items = plan_items(args.asset_dir, args.limit, cfg.sequences.detect)
+            if not items:
+                raise AssetError(f"{args.asset_dir}: no mesh files found")
+            mine = select_part(items, args.shard_index, args.num_shards)  # this job's part
+            shards = ShardSet(
+                args.out,
+                cfg.shards.max_samples,
+                int(cfg.shards.max_megabytes * 1e6),
+                header={"config_hash": cfg.hash},
+                manifest_info={"version": __version__, "asset_dir": str(args.asset_dir), "config_hash": cfg.hash,
+                               "config": cfg.to_dict()},
+                part=part_name(args.shard_index, args.num_shards),
+                version=__version__,
+            )
+            execute = execute_local if args.executor == "local" else ray_executor(shards, args.ray_address,
+                                                                                    args.max_retries)
+            done = shards.open(overwrite=args.overwrite, keep_going=args.keep_going)
+            done = _check_changes(mine, done, shards, args.keep_going)
+        except (ConfigError, AssetError, ResumeError, ExecutorError) as e:
+            print(f"render: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"render: {e.filename}: {e.strerror}", file=sys.stderr)
+            return 2
+        final = {it.rel_path for it in mine if it.rel_path not in done and _crashed(shards, it.rel_path, cfg)}
+        todo = [it for it in mine if it.rel_path not in done and it.rel_path not in final]
+        if len(todo) < len(mine):
+            print(f"resuming: {len(mine) - len(todo)} of {len(mine)} assets already done in {args.out}"
+                  + (f" ({len(final)} failed for good: they killed their worker {cfg.max_crashes} times)"
+                     if final else ""))
+        try:
+            stats = run_items(todo, cfg, str(args.asset_dir), shards, execute)
+        except KeyboardInterrupt:
+            shards.write_manifest(complete=False)
+            print(f"\ninterrupted: {len(shards.statuses)} assets done; the same command resumes", file=sys.stderr)
+            return 130
+        except ExecutorError as e:
+            print(f"render: {e}", file=sys.stderr)
+            return 2
+        final = {it.rel_path for it in items if it.rel_path not in shards.statuses and _crashed(shards, it.rel_path,
+                                                                                               cfg)}
+        shards.close([it.rel_path for it in items], final)
+        if not mine:  # more parts than assets
+            print(f"part {args.shard_index} of {args.num_shards}: no assets fall in it")
+            return 0
+        return _summary(mine, shards, stats, strict=args.strict, image=image)
+    finally:
+        if shards is not None:
+            shards.release()
+
+
+def _crashed(shards: ShardSet, path: str, cfg: RenderConfig) -> bool:
+    """Whether ``path`` has killed its worker ``cfg.max_crashes`` times: failed for good."""
+    return len(shards.deaths.get(path, [])) >= cfg.max_crashes
+
+
+def _check_changes(items: list[WorkItem], done: dict[str, ItemStatus], shards: ShardSet,
+                   keep_going: bool) -> dict[str, ItemStatus]:
+    """The finished items whose files are as they were (sizes and times, else the content hash). A changed
+    skipped item is rendered again (it has no samples); a changed rendered one stops the run with a one-line
+    ResumeError, unless ``keep_going`` keeps its samples."""
+    done = dict(done)
+    changed = []
+    for it in items:
+        st = done.get(it.rel_path)
+        if st is None or not (st.stamp or st.sha256):
+            continue  # not done, or journaled before stamps were kept
+        stamp = content_stamp(it)
+        if stamp == st.stamp:
+            continue
+        sha = content_hash(it)
+        if sha == st.sha256:
+            shards.accept(st, sha, stamp)  # only touched: remember the new times
+        elif st.status != "rendered":
+            del done[it.rel_path]
+        else:
+            changed.append((it, st, sha, stamp))
+    if changed and not keep_going:
+        first = ", ".join(it.rel_path for it, *_ in changed[:3]) + (", ..." if len(changed) > 3 else "")
+        raise ResumeError(f"{shards.out_dir}: {len(changed)} asset(s) changed since they were rendered ({first}): "
+                          "--overwrite starts afresh, --keep-going keeps their samples and renders the rest")
+    for _, st, sha, stamp in changed:
+        shards.accept(st, sha, stamp)
+    return done
 
 
 def run_items(todo: list[WorkItem], cfg: RenderConfig, asset_dir: str, shards: ShardSet,
               execute: Callable = execute_local) -> dict:
-    """Render ``todo`` through ``execute`` (same signature as :func:`execute_local`) into ``shards``, with
-    progress in views (a clip's frames count as views; the total is exact from the start, and an item that
-    ends early counts its remaining views as done); returns this run's timing totals. The caller closes
-    ``shards``."""
+    """Render ``todo`` through ``execute`` (same signature as :func:`execute_local`) into ``shards``, which
+    also keeps the items' history (starts, worker deaths), with progress in views (a clip's frames count as
+    views; the total is exact from the start, and an item that ends early counts its remaining views as
+    done); returns this run's timing totals. The caller closes ``shards``."""
     stats = {"seconds": Counter(), "samples": 0, "wall": 0.0}
     ticks = Counter()
     planned = {it.rel_path: planned_views(it, cfg) for it in todo}
@@ -125,6 +175,8 @@ def run_items(todo: list[WorkItem], cfg: RenderConfig, asset_dir: str, shards: S
             stats["seconds"].update(st.seconds)
         else:
             bar.write(f"{st.status} {st.path}: {st.reason}")
+        for w in st.warnings:
+            bar.write(f"warning {st.path}: {w}")
 
     def on_result(result: ItemResult | WrittenShard) -> None:
         # a shard a remote task wrote itself is journaled here
@@ -136,12 +188,12 @@ def run_items(todo: list[WorkItem], cfg: RenderConfig, asset_dir: str, shards: S
         if result.status.status == "rendered":
             shards.add(result.status, result.samples)
         else:
-            shards.record(result.status)
+            shards.record(result.status, result.traceback)
         tally(result.status)
 
     t0 = time.perf_counter()
     try:
-        execute(todo, cfg, asset_dir, cfg.workers, on_result, progress)
+        execute(todo, cfg, asset_dir, cfg.workers, on_result, progress, shards)
     finally:
         bar.close()
     stats["wall"] = time.perf_counter() - t0
@@ -169,8 +221,16 @@ def _summary(items: list[WorkItem], shards: ShardSet, stats: dict, strict: bool,
     reasons = Counter(s.reason for s in statuses.values() if s.status != "rendered")
     for reason, count in reasons.most_common(20):
         print(f"  {count} x {reason}")
-    if by["skipped"] or by["failed"]:
+    warned = [s for s in statuses.values() if s.warnings]
+    if warned:
+        print(f"{len(warned)} assets rendered with warnings:")
+        for warning, count in Counter(w for s in warned for w in s.warnings).most_common(10):
+            print(f"  {count} x {warning}")
+    if by["skipped"] or by["failed"] or warned:
         print(f"  (per asset: {shards.out_dir / 'status.tsv'})")
+    failures = sorted(shards.out_dir.glob("failures*.log"))
+    if by["failed"] and failures:
+        print(f"  (tracebacks of failures: {', '.join(str(p) for p in failures)})")
     if by["rendered"] == 0:
         return 1
     if strict and (by["skipped"] or by["failed"]):

@@ -1,19 +1,26 @@
 """Shards of one output folder: atomic tar writing, journals for resumption, the manifest and status file.
 
-``OUT_DIR`` holds ``shard-*.tar`` shards, ``journal*.jsonl``, ``manifest.json`` and ``status.tsv``.
-A shard is written as ``{name}.tmp`` and renamed once complete (after fsync), so a reader never sees a
-half-written tar. An item (all samples of one asset) goes whole into one shard and counts as done only when
-that shard's journal line is on disk, one line per shard, appended after the rename with fsync. After a crash
-(SIGKILL included), :meth:`ShardSet.open` removes temporary shards and complete shards no journal recorded, so
-every journaled item is in exactly one shard and every other item is rendered again.
+``OUT_DIR`` holds ``shard-*.tar`` shards, ``journal*.jsonl``, ``manifest.json``, ``status.tsv`` and, when an
+item failed unexpectedly, ``failures*.log`` (its traceback). A shard is written as ``{name}.tmp`` and renamed
+once complete (after fsync), so a reader never sees a half-written tar. An item (all samples of one asset)
+goes whole into one shard and counts as done only when that shard's journal line is on disk, one line per
+shard, appended after the rename with fsync. After a crash (SIGKILL included), :meth:`ShardSet.open` removes
+temporary shards and complete shards no journal recorded, so every journaled item is in exactly one shard and
+every other item is rendered again.
+
+The journal also records each item's history: ``start`` before it runs (with the worker's pid), ``died`` when
+its worker process died under it, ``failed`` (an unexpected error: rendered again by the next run), and
+``accept`` (a changed asset whose samples were kept). Its header records the config hash and the package
+version.
 
 Several writers may share a folder: the whole-dataset writer (``part=""``: ``shard-NNNNNN.tar``,
 ``journal.jsonl``) and part writers (``part="-p00001of00004"``: ``shard-p00001of00004-NNNNNN.tar``,
 ``journal-p00001of00004.jsonl``). Each also journals shards written for it by remote tasks
 (:class:`ShardWriter` in another process, names ``{its prefix}-{task}-NNNNNN.tar``; :meth:`ShardSet.adopt`).
-Every writer reads every journal, so an item done by any of them is done for all. A writer cleans only its
-own files (its prefix's): a part writer its part's, the whole-dataset writer every shard file, so it must not
-run beside other writers of the folder.
+Every writer reads every journal, so an item done by any of them is done for all. A running writer holds an
+exclusive lock on ``.writer{part}.lock``; writers running side by side must be parts of one split (the same
+``--num-shards``). A writer removes every shard file no journal recorded whose writer is not running (its own
+included), so leftovers of a dead run are removed whatever split the next run uses.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +38,9 @@ JOURNAL = "journal.jsonl"  # the whole-dataset writer's; a part's is journal{par
 MANIFEST = "manifest.json"
 STATUS = "status.tsv"
 LOCK = ".manifest.lock"  # serialises manifest writes of the writers sharing a folder
+WRITER_LOCK = ".writer{}.lock"  # held by the running writer of a part ("" for the whole dataset)
+FAILURES = "failures{}.log"  # tracebacks of unexpected failures, per part
+_OWNER = re.compile(r"^shard(-p\d{5}of\d{5})?-")  # the part a shard file belongs to
 _TAR_MTIME = 0.0  # fixed member timestamps: the same samples in the same order give the same tar bytes
 
 
@@ -37,12 +48,19 @@ class ResumeError(ValueError):
     """``OUT_DIR`` holds a render that cannot be continued with these settings."""
 
 
+class VersionChanged(ResumeError):
+    """``OUT_DIR`` holds samples rendered by another version of the package."""
+
+
 @dataclass
 class ItemStatus:
     """What became of one work item (``path`` relative to ASSET_DIR is its key).
 
     status: "rendered", "skipped" (bad input, journaled: not retried) or "failed" (unexpected, retried on
-    resume). ``seconds`` maps a stage (load, cast, image, encode) to the time spent in it.
+    resume; or its worker died ``max_crashes`` times: not retried). ``seconds`` maps a stage (load, cast,
+    image, encode) to the time spent in it. ``warnings``: what was read differently from the file's intent (a
+    missing texture rendered untextured). ``sha256``: the content hash of its files when rendered; ``stamp``:
+    a digest of their sizes and modification times then (a cheap first test for a change).
     """
 
     path: str
@@ -54,6 +72,9 @@ class ItemStatus:
     shard: str | None = None
     image: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    sha256: str = ""
+    stamp: str = ""
 
 
 @dataclass
@@ -180,35 +201,52 @@ class ShardSet(ShardWriter):
         header: dict,
         manifest_info: dict | None = None,
         part: str = "",
+        version: str = "",
     ):
         super().__init__(out_dir, max_samples, max_bytes, prefix=f"shard{part}")
         self.header, self.manifest_info = header, manifest_info or {}
-        self.part = part
+        self.part, self.version = part, version
         self.journal_path = self.out_dir / f"journal{part}.jsonl"
         self._pattern = re.compile(rf"^{re.escape(self.prefix)}-(\d{{6}})\.tar(\.tmp)?$")  # this writer's names
         # its files, its remote tasks' included (the whole-dataset writer: every writer's)
         self._scope = re.compile(rf"^{re.escape(self.prefix)}-.+\.tar(\.tmp)?$")
         self.shards: list[ShardInfo] = []  # journaled shards on disk, every writer's
         self.statuses: dict[str, ItemStatus] = {}  # finished items (journaled by any writer), by path
-        self.failed: dict[str, ItemStatus] = {}  # this run's unexpected failures, by path
+        self.failed: dict[str, ItemStatus] = {}  # unexpected failures not rendered since, by path
+        self.deaths: dict[str, list[str]] = {}  # reasons of the worker deaths under each item, every run's
+        self.versions: dict[str, str] = {}  # the latest package version in each journal's headers
+        self._last: dict[str, str] = {}  # each item's latest journal event: start, died or end
         self._read_upto: dict[str, int] = {}  # other writers' journals: bytes read so far, by name
+        self._lock_file = None
 
     # -- opening and recovery --------------------------------------------------------------------------
 
-    def open(self, overwrite: bool = False) -> dict[str, ItemStatus]:
+    def open(self, overwrite: bool = False, keep_going: bool = False) -> dict[str, ItemStatus]:
         """Start afresh (``overwrite``: this writer's shards and journal removed; the whole-dataset writer's
         ``overwrite`` removes every writer's, the manifest and the status file) or recover a previous run.
         Returns the finished items (rendered or skipped, by any writer of the folder), by path.
 
-        Raises ResumeError if a journal was written with a different header.
+        Raises ResumeError if a journal was written with a different header or another writer that cannot
+        run beside this one is running; VersionChanged if a journal was last written by another package
+        version (``keep_going``: go on, recording this version).
         """
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_writer()
+        try:
+            return self._recover(overwrite, keep_going)
+        except BaseException:
+            self.release()
+            raise
+
+    def _recover(self, overwrite: bool, keep_going: bool) -> dict[str, ItemStatus]:
         if overwrite:
             for p in self._scope_files():
                 p.unlink()
             for p in self._journals():
                 if p.name.startswith(self.journal_path.stem):  # journal.jsonl's stem starts every journal
                     p.unlink()
+            for p in self.out_dir.glob(FAILURES.format("*" if not self.part else self.part)):
+                p.unlink()
             if not self.part:
                 for name in (MANIFEST, STATUS):
                     (self.out_dir / name).unlink(missing_ok=True)
@@ -223,12 +261,78 @@ class ShardSet(ShardWriter):
             if not others and any(not p.name.endswith(".tmp") for p in self._scope_files()):
                 raise ResumeError(f"{self.out_dir}: holds shards but no {self.journal_path.name} to resume from; "
                                   "use --overwrite to start afresh or another --out")
-            self._append([{"header": self.header}])
+            self._append([{"header": self.header, "version": self.version}])
             records = self._read_journal()
-        self._absorb(records[1:])
+        self._absorb(records, self.journal_path.name)
         self._absorb_others()
+        old = {name: v for name, v in self.versions.items() if v != self.version}
+        if old:
+            if not keep_going:
+                name, v = sorted(old.items())[0]
+                raise VersionChanged(
+                    f"{self.out_dir}: holds samples rendered by version {v or 'unknown'} ({name}; this is "
+                    f"{self.version}): --overwrite starts afresh, --keep-going keeps them and renders the rest "
+                    f"with {self.version}")
+            self._append([{"header": self.header, "version": self.version}])
+            self.versions[self.journal_path.name] = self.version
+            for name in old:  # accepted for this run; other writers' journals keep their record
+                self.versions[name] = self.version
         self._sweep()
         return dict(self.statuses)
+
+    def _lock_writer(self) -> None:
+        """Hold this part's writer lock; refuse when a writer of another split runs in the folder."""
+        if self._lock_file is not None:
+            return
+        path = self.out_dir / WRITER_LOCK.format(self.part)
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            f.close()
+            raise ResumeError(f"{self.out_dir}: another render (pid {pid}) is writing {self._what(self.part)} "
+                              "here; wait for it or use another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._lock_file = f
+        count = self.part.rsplit("of", 1)[-1] if self.part else ""
+        for other in self.out_dir.glob(WRITER_LOCK.format("*")):
+            part = other.name[len(".writer"):-len(".lock")]
+            if part == self.part or not self._running(part):
+                continue
+            if not part or not count or part.rsplit("of", 1)[-1] != count:
+                self.release()
+                raise ResumeError(f"{self.out_dir}: another render is writing {self._what(part)} here; jobs "
+                                  "running side by side in one folder must be parts of one --num-shards")
+
+    @staticmethod
+    def _what(part: str) -> str:
+        if not part:
+            return "the whole dataset"
+        index, count = part[2:].split("of")
+        return f"part {int(index)} of {int(count)}"
+
+    def _running(self, part: str) -> bool:
+        """Whether the writer of ``part`` holds its lock (this writer counts as running)."""
+        if part == self.part and self._lock_file is not None:
+            return True
+        path = self.out_dir / WRITER_LOCK.format(part)
+        try:
+            with open(path, "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return False  # closing the file releases the probe lock
+        except OSError:
+            return True
+
+    def release(self) -> None:
+        """Give up the writer lock (also released when the process ends)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     def _scope_files(self) -> list[Path]:
         return sorted(p for p in self.out_dir.iterdir() if self._scope.match(p.name))
@@ -236,18 +340,36 @@ class ShardSet(ShardWriter):
     def _journals(self) -> list[Path]:
         return sorted(self.out_dir.glob("journal*.jsonl"))
 
-    def _absorb(self, records: list[dict]) -> None:
-        """Take journal records (shards and item statuses) into the folder's view."""
+    def _absorb(self, records: list[dict], journal: str) -> None:
+        """Take journal records (shards, item statuses and histories) into the folder's view."""
         for rec in records:
+            if "header" in rec:
+                self.versions[journal] = rec.get("version", "")
             if "shard" in rec:
                 info = ShardInfo(**rec["shard"])
                 if m := self._pattern.match(info.name):
                     self._next_index = max(self._next_index, int(m.group(1)) + 1)
                 if not (self.out_dir / info.name).exists():
+                    for st in rec.get("items", []):
+                        self._last[st["path"]] = "end"
                     continue  # deleted by hand since: its items are rendered again
                 self.shards.append(info)
             for st in rec.get("items", []):
                 self.statuses[st["path"]] = ItemStatus(**st)
+                self.failed.pop(st["path"], None)
+                self._last[st["path"]] = "end"
+            if "start" in rec:
+                self._last[rec["start"]] = "start"
+            if "died" in rec:
+                self.deaths.setdefault(rec["died"], []).append(rec.get("reason", ""))
+                self._last[rec["died"]] = "died"
+            if "failed" in rec:
+                st = ItemStatus(**rec["failed"])
+                self.failed[st.path] = st
+                self._last[st.path] = "end"
+            if "accept" in rec and rec["accept"] in self.statuses:
+                self.statuses[rec["accept"]].sha256 = rec.get("sha256", "")
+                self.statuses[rec["accept"]].stamp = rec.get("stamp", "")
 
     def _absorb_others(self) -> None:
         """Read what the folder's other writers journaled since the last call (their whole lines only: a
@@ -268,18 +390,26 @@ class ShardSet(ShardWriter):
             if start == 0 and records and records[0].get("header") != self.header:
                 raise ResumeError(f"{path}: written with other settings ({records[0].get('header')} != "
                                   f"{self.header}); use another --out")
-            self._absorb([r for r in records if "header" not in r])
+            self._absorb(records, path.name)
 
     def _sweep(self) -> None:
-        """Remove this writer's files no journal knows: temporary shards, and complete ones a dead writer or
-        task never got journaled."""
+        """Remove shard files no journal knows whose writer is not running (this writer's own included):
+        temporary shards, and complete ones a dead writer or task never got journaled."""
         known = {s.name for s in self.shards}
-        for p in self._scope_files():
-            if p.name not in known:
-                m = self._pattern.match(p.name)
-                if m and not p.name.endswith(".tmp"):  # a reader may have seen that name: never reuse it
-                    self._next_index = max(self._next_index, int(m.group(1)) + 1)
-                p.unlink(missing_ok=True)
+        running: dict[str, bool] = {}
+        for p in sorted(self.out_dir.glob("shard*")):
+            owner = _OWNER.match(p.name)
+            if p.name in known or owner is None or not p.name.endswith((".tar", ".tar.tmp")):
+                continue
+            part = owner.group(1) or ""
+            if part not in running:
+                running[part] = part != self.part and self._running(part)
+            if running[part]:
+                continue  # a live writer's shard, not journaled yet
+            m = self._pattern.match(p.name)
+            if m and not p.name.endswith(".tmp"):  # a reader may have seen that name: never reuse it
+                self._next_index = max(self._next_index, int(m.group(1)) + 1)
+            p.unlink(missing_ok=True)
 
     def _read_journal(self) -> list[dict]:
         """This writer's journal records; a torn last line (killed mid-write) is cut off the file."""
@@ -310,14 +440,47 @@ class ShardSet(ShardWriter):
 
     # -- writing ---------------------------------------------------------------------------------------
 
-    def record(self, status: ItemStatus) -> None:
-        """Note an item without samples: a skipped one is journaled at once (not retried on resume), a
-        failed one only listed in this run's manifest (retried on resume)."""
+    def record(self, status: ItemStatus, traceback: str = "") -> None:
+        """Note an item without samples: a skipped one is journaled as finished (not retried on resume), a
+        failed one as failed (retried on resume, unless its worker died too often); a traceback goes to the
+        failure log."""
         if status.status == "failed":
+            self._append([{"failed": asdict(status)}])
             self.failed[status.path] = status
+            self._last[status.path] = "end"
+            if traceback:
+                with open(self.out_dir / FAILURES.format(self.part), "a") as f:
+                    f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {status.path}: {status.reason}\n"
+                            f"{traceback.rstrip()}\n")
             return
         self._append([{"items": [asdict(status)]}])
         self.statuses[status.path] = status
+        self.failed.pop(status.path, None)
+        self._last[status.path] = "end"
+
+    # -- item history ----------------------------------------------------------------------------------
+
+    def started(self, path: str, pid: int) -> None:
+        """Journal that ``path`` is about to run in process ``pid`` (before it runs)."""
+        self._append([{"start": path, "pid": pid}])
+        self._last[path] = "start"
+
+    def died(self, path: str, reason: str) -> int:
+        """Journal that the worker process running ``path`` died; returns the item's deaths so far."""
+        self._append([{"died": path, "reason": reason}])
+        self.deaths.setdefault(path, []).append(reason)
+        self._last[path] = "died"
+        return len(self.deaths[path])
+
+    def suspect(self, path: str) -> bool:
+        """Whether ``path`` was started and never ended: its run was killed while it rendered (by the user,
+        or by the item itself in a run without worker processes)."""
+        return self._last.get(path) == "start"
+
+    def accept(self, status: ItemStatus, sha256: str, stamp: str) -> None:
+        """Journal that a rendered item's files changed and its samples are kept as they are."""
+        self._append([{"accept": status.path, "sha256": sha256, "stamp": stamp}])
+        status.sha256, status.stamp = sha256, stamp
 
     def adopt(self, shard: WrittenShard) -> None:
         """Journal a shard another process wrote for this writer (named ``{self.prefix}-...``)."""
@@ -328,17 +491,20 @@ class ShardSet(ShardWriter):
         self.shards.append(shard.info)
         for s in shard.statuses:
             self.statuses[s.path] = s
+            self.failed.pop(s.path, None)
+            self._last[s.path] = "end"
         self.write_manifest(complete=False)
 
-    def close(self, planned: list[str]) -> bool:
-        """Finalise the open shard, remove files of dead tasks, and write the manifest; returns whether every
-        planned item (by path) is finished (rendered or skipped) by any writer, which the manifest records as
-        ``complete``."""
+    def close(self, planned: list[str], final: set[str] = frozenset()) -> bool:
+        """Finalise the open shard, remove files of dead tasks, write the manifest and release the writer
+        lock; returns whether every planned item (by path) is finished (rendered or skipped by any writer, or
+        in ``final``: failed for good), which the manifest records as ``complete``."""
         self.flush()
-        self._absorb_others()  # the whole-dataset writer sweeps every writer's files: know them all first
+        self._absorb_others()  # know every writer's shards before sweeping
         self._sweep()
-        complete = all(p in self.statuses for p in planned)
+        complete = all(p in self.statuses or p in final for p in planned)
         self.write_manifest(complete)
+        self.release()
         return complete
 
     # -- manifest --------------------------------------------------------------------------------------
@@ -368,15 +534,17 @@ class ShardSet(ShardWriter):
                 "rendered": sum(s.status == "rendered" for s in statuses),
                 "skipped": sum(s.status == "skipped" for s in statuses),
                 "failed": sum(s.status == "failed" for s in statuses),
+                "warnings": sum(bool(s.warnings) for s in statuses),
             },
             "shards": [asdict(s) for s in sorted(self.shards, key=lambda s: s.name)],
             "assets": {s.path: asdict(s) for s in statuses},
         }
         write_json_atomic(self.out_dir / MANIFEST, manifest)
-        lines = ["path\tstatus\tsamples\tshard\treason"]
+        lines = ["path\tstatus\tsamples\tshard\treason\twarnings"]
         for s in statuses:
             reason = " ".join(s.reason.split())
-            lines.append(f"{s.path}\t{s.status}\t{s.samples}\t{s.shard or ''}\t{reason}")
+            warnings = " | ".join(" ".join(w.split()) for w in s.warnings)
+            lines.append(f"{s.path}\t{s.status}\t{s.samples}\t{s.shard or ''}\t{reason}\t{warnings}")
         tmp = self.out_dir / (STATUS + ".tmp")
         tmp.write_text("\n".join(lines) + "\n")
         os.replace(tmp, self.out_dir / STATUS)

@@ -6,6 +6,7 @@ import concurrent.futures as cf
 
 from .. import __version__
 from ..geometry.cast import LayeredRaycaster
+from ..geometry.cutout import cutouts_for
 from ..inputs.assets import asset_to_world, load_asset
 from ..schema import encode_sample, meta_record, sample_key
 from .cameras import view_camera
@@ -18,12 +19,14 @@ def render_asset(item: WorkItem, cfg: RenderConfig, asset_dir: str, progress: Pr
     """All views of one static asset: load, normalise, build the caster, then per view camera, cast, image,
     encode."""
     clock = Clock()
-    asset = load_asset(item.path, asset_dir, max_faces=cfg.assets.max_faces)
+    asset = load_asset(item.path, asset_dir, max_faces=cfg.assets.max_faces,
+                       missing_texture=cfg.assets.missing_texture)
     to_world = asset_to_world(asset.meshes, cfg.assets.up_axis, cfg.assets.normalise)
     for m in asset.meshes:  # ours: loaded just now
         m.apply_transform(to_world)
     clock.lap("load")
-    caster = LayeredRaycaster(asset.meshes, backend=cfg.backend, num_threads=caster_threads(cfg))
+    caster = LayeredRaycaster(asset.meshes, backend=cfg.backend, num_threads=caster_threads(cfg),
+                              cutouts=cutouts_for(asset.meshes))
     bounds = caster.bounds
     clock.lap("cast")
     meta = meta_record(asset_id=asset.asset_id, asset_path=asset.rel_path, asset_sha256=asset.sha256,
@@ -55,5 +58,5 @@ def render_asset(item: WorkItem, cfg: RenderConfig, asset_dir: str, progress: Pr
         clock.lap("encode")
         progress(item.rel_path, 1)
     status = ItemStatus(item.rel_path, item.kind, asset.asset_id, "rendered", samples=len(samples),
-                        image=image_mode, seconds=clock.seconds)
+                        image=image_mode, seconds=clock.seconds, warnings=asset.warnings, sha256=asset.sha256)
     return ItemResult(status, samples)
