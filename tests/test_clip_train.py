@@ -20,7 +20,7 @@ from wt_model.clip_metrics import evaluate_clips, format_clip_report
 from wt_model.clips import ClipConfig, clip_eval_loader
 from wt_model.data import denormalise, expand_shards
 from wt_model.flow import FlowConfig, flow_loss
-from wt_model.metrics import mean_scores, score_view
+from wt_model.metrics import mean_scores, median_scores, score_view
 from wt_model.models import WTBlock, WTDiT, WTDiTConfig, rope_2d
 from wt_model.sampler import scale_between
 
@@ -248,15 +248,16 @@ def test_bad_clip_input_fails_with_one_line(tmp_path, capsys):
 
 def mean_pointmap_clip_scores(pattern: str, clips: ClipConfig, size: int = 64, num_layers: int = 4):
     """The trivial baseline on the clips' frames: every frame predicted as the mean normalised pointmap of all
-    frames (valid where most are valid), scored like the model, frame by frame."""
+    frames (valid where most are valid), scored like the model, frame by frame; (mean, median) over frames."""
     batches = list(clip_eval_loader(expand_shards(pattern), 8, size, num_layers, clips))
     pts = torch.cat([b["points"].flatten(0, 1) for b in batches]).numpy()  # (N,K,3,H,W)
     valid = torch.cat([b["valid"].flatten(0, 1) for b in batches]).numpy()
     scale = torch.cat([b["scale"].repeat_interleave(b["points"].shape[1]) for b in batches]).numpy()
     mean_pts = denormalise(pts.mean(0).transpose(0, 2, 3, 1))
     mean_valid = np.logical_and.accumulate(valid.mean(0) > 0.5, axis=0)
-    return mean_scores([score_view(mean_pts, mean_valid, denormalise(p.transpose(0, 2, 3, 1), s), v)
-                        for p, v, s in zip(pts, valid, scale)])
+    scores = [score_view(mean_pts, mean_valid, denormalise(p.transpose(0, 2, 3, 1), s), v)
+              for p, v, s in zip(pts, valid, scale)]
+    return mean_scores(scores), median_scores(scores)
 
 
 @pytest.mark.slow
@@ -265,16 +266,21 @@ def test_tiny_4d_learns_the_builtin_sequences(builtin_clips, tmp_path):
     clip model overfit for 150 steps of 4 windows (as many frames as the image proof's 400 steps of 6), then
     scored on its clips' windows side by side (8 windows, 32 frames): it beats the same model run frame by
     frame (T = 1, a trained path thanks to the frame-by-frame steps) on the temporal consistency figure, and the
-    mean pointmap on Chamfer and F-score. Figures in the README."""
+    mean pointmap on Chamfer, F-score and mask IoU. Chamfer is compared by its median over frames: at this
+    budget a frame or two may come out empty (no layer-0 pixel above p = 0.5) and score the cap 1.0, which moves
+    the mean by 0.03 each (measured with both clocks and two seeds; the README gives means and medians).
+    Figures in the README."""
     run = tmp_path / "run"
     assert main(["train", "--shards", builtin_clips, "--clips", "--clip-length", "4", "--window-stride", "1",
                  "--steps", "150", "--out", str(run), "--preset", "tiny", "--batch", "4", "--lr", "1e-3",
                  "--warmup", "20", "--workers", "1", "--log-every", "50", "--no-progress"]) == 0
     r = evaluate_clips(str(run / "last.pt"), builtin_clips, ClipConfig(length=4), batch=4)
-    base = mean_pointmap_clip_scores(builtin_clips, ClipConfig(length=4))
+    base, base_median = mean_pointmap_clip_scores(builtin_clips, ClipConfig(length=4))
     print("\n".join(format_clip_report(r)))
-    print(f"frames {r.frames}: chamfer_all {r.mean.chamfer_all:.4f} (mean pointmap {base.chamfer_all:.4f}), "
-          f"fscore_all {r.mean.fscore_all:.3f} ({base.fscore_all:.3f}), iou {r.mean.iou:.3f} ({base.iou:.3f})")
+    print(f"frames {r.frames}: chamfer_all mean {r.mean.chamfer_all:.4f} median {r.median.chamfer_all:.4f} "
+          f"(mean pointmap {base.chamfer_all:.4f}, {base_median.chamfer_all:.4f}), fscore_all {r.mean.fscore_all:.3f} "
+          f"({base.fscore_all:.3f}), iou {r.mean.iou:.3f} ({base.iou:.3f}), empty frames {r.mean.empty_all}")
     assert r.frames == 32 and r.video.clip.pairs > 300
     assert r.ratio < 1.0  # the clip run moves more like the tracks than the same weights frame by frame
-    assert r.mean.chamfer_all < base.chamfer_all and r.mean.fscore_all > base.fscore_all
+    assert r.median.chamfer_all < 0.7 * base_median.chamfer_all and r.mean.empty_all <= 4
+    assert r.mean.fscore_all > base.fscore_all + 0.15 and r.mean.iou > base.iou + 0.1
