@@ -80,7 +80,7 @@ class ImageConfig:
     renderer: Literal["pyrender", "raytrace", "mitsuba"] = "pyrender"
     fallback: Literal["raytrace", "none"] = "raytrace"
     background: tuple[int, int, int] | Literal["environment", "random", "transparent"] = (0, 0, 0)
-    spp: int = 16
+    spp: int = 12
     max_depth: int = 4
     mitsuba_variant: Literal["auto", "scalar_rgb", "cuda_ad_rgb", "llvm_ad_rgb"] = "auto"
     environments: str = ""
