@@ -55,9 +55,12 @@ def sphere_view(rng: np.random.Generator, size: int, num_layers: int):
 
 
 def write_sphere_shards(out: str | Path, views: int = 8, shards: int = 2, size: int = 32, num_layers: int = 4,
-                        seed: int = 0, schema_version: int = 1, with_tracks: bool = True) -> list[Path]:
+                        seed: int = 0, schema_version: int = 1, with_tracks: bool = True, assets: int | None = None,
+                        corrupt: tuple[int, ...] = ()) -> list[Path]:
     """Write ``views`` layered samples round-robin into ``shards`` tars (plus one clip-track sample per
-    shard when ``with_tracks``, which the loader must skip). Returns the shard paths."""
+    shard when ``with_tracks``, which the loader must skip). View i shows asset ``spheres{i % assets}`` (every
+    view its own asset when ``assets`` is None); views in ``corrupt`` get a truncated layers.npz. Returns the
+    shard paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -72,10 +75,11 @@ def write_sphere_shards(out: str | Path, views: int = 8, shards: int = 2, size: 
                             face_id=np.where(valid, 0, -1).astype(np.int32),
                             instance_id=np.where(valid, 0, -1).astype(np.int32), num_hits=num_hits)
         cam = {"K": K.tolist(), "world_to_cam": np.eye(4).tolist(), "width": size, "height": size}
-        meta = {"schema_version": schema_version, "asset_id": f"spheres{i}", "view_index": i,
-                "num_layers": num_layers}
+        meta = {"schema_version": schema_version, "asset_id": f"spheres{i % assets if assets else i}",
+                "view_index": i, "num_layers": num_layers}
+        layers = npz.getvalue()[:100] if i in corrupt else npz.getvalue()
         writers[i % shards].write({"__key__": f"spheres{i:04d}", "rgb.png": png.getvalue(),
-                                   "layers.npz": npz.getvalue(), "camera.json": json.dumps(cam).encode(),
+                                   "layers.npz": layers, "camera.json": json.dumps(cam).encode(),
                                    "meta.json": json.dumps(meta).encode()})
     for j, w in enumerate(writers):
         if with_tracks:

@@ -49,23 +49,24 @@ def _duration(seconds: float) -> str:
 class Progress:
     """Progress of ``total`` units: a tqdm bar on a terminal, else a plain line on ``stream`` every
     ``every`` seconds and at the end: ``desc: done/total unit (pct%), rate unit/s, ETA m:ss``.
+    ``initial``: units already done before (a resumed run; the rate counts this session's); ``total`` 0: unknown.
 
     ``update(n)`` counts units done; ``write(text)`` prints a message without breaking the bar; ``extra``
     (settable) is appended to each line (e.g. a loss). Use as a context manager or call ``close()``.
     """
 
     def __init__(self, total: int, unit: str = "it", desc: str = "", stream=None, every: float = 5.0,
-                 bar: bool | None = None):
+                 bar: bool | None = None, initial: int = 0):
         self.total, self.unit, self.desc, self.every = int(total), unit, desc, every
         self.stream = stream if stream is not None else sys.stderr
-        self.n, self.extra, self._shown = 0, "", -1
+        self.n, self.initial, self.extra, self._shown = int(initial), int(initial), "", -1
         self._t0 = self._last = time.perf_counter()
         self._bar = None
         if bar if bar is not None else self.stream.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total, unit=unit, desc=desc or None, file=self.stream,
-                             dynamic_ncols=True, smoothing=0.05)
+            self._bar = tqdm(total=self.total or None, unit=unit, desc=desc or None, file=self.stream,
+                             dynamic_ncols=True, smoothing=0.05, initial=self.initial)
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -82,12 +83,12 @@ class Progress:
     def _line(self) -> None:
         self._shown = self.n
         elapsed = time.perf_counter() - self._t0
-        rate = self.n / elapsed if elapsed > 0 else 0.0
-        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
+        pct = f"/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%)" if self.total else f" {self.unit}"
         eta = f", ETA {_duration((self.total - self.n) / rate)}" if rate > 0 and self.n < self.total else ""
         head = f"{self.desc}: " if self.desc else ""
         tail = f", {self.extra}" if self.extra else ""
-        print(f"{head}{self.n}/{self.total} {self.unit}{pct}, {rate:.2f} {self.unit}/s, "
+        print(f"{head}{self.n}{pct}, {rate:.2f} {self.unit}/s, "
               f"elapsed {_duration(elapsed)}{eta}{tail}", file=self.stream, flush=True)
 
     def write(self, text: str) -> None:
@@ -100,7 +101,7 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self.n and self._shown != self.n:
+        elif self.n > self.initial and self._shown != self.n:
             self._line()
 
     def __enter__(self) -> Progress:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 from collections.abc import Callable, Iterable
 
@@ -102,6 +103,18 @@ def frame_key(sequence_id: str, clip_index: int, frame_index: int) -> str:
 def tracks_key(sequence_id: str, clip_index: int) -> str:
     """A clip's tracks sample: ``{sequence_id}_c{clip:03d}_tracks``."""
     return f"{clip_prefix(sequence_id, clip_index)}_tracks"
+
+
+_CLIP_KEY = re.compile(r"(?P<prefix>.+_c\d{3,})_(?:f(?P<frame>\d{4,})|tracks)")
+
+
+def parse_clip_key(key: str) -> tuple[str, int | None] | None:
+    """The inverse of :func:`frame_key` and :func:`tracks_key`: ``(clip prefix, frame index)`` for a clip's
+    frame, ``(clip prefix, None)`` for its tracks sample, None for any other key (a static view)."""
+    m = _CLIP_KEY.fullmatch(key)
+    if m is None:
+        return None
+    return m["prefix"], None if m["frame"] is None else int(m["frame"])
 
 
 def meta_record(*, asset_id: str, asset_path: str, asset_sha256: str, asset_to_world, config_name: str,

@@ -8,7 +8,8 @@ import numpy as np
 
 MODULES = ["tests.bench.bench_cast", "tests.bench.bench_render", "tests.bench.bench_image",
            "tests.bench.bench_sequence", "tests.bench.bench_collection", "tests.bench.bench_inspect",
-           "tests.bench.bench_train"]
+           "tests.bench.bench_train", "tests.bench.bench_clips", "tests.bench.bench_train_gpu",
+           "tests.bench.bench_learn"]
 
 if __name__ == "__main__":
     print(f"machine: {platform.machine()} {platform.processor() or ''} cores={__import__('os').cpu_count()} "

@@ -1,8 +1,9 @@
-"""Training speed of the tiny and small presets, and the data loader alone (which must be >= 5x faster).
+"""Training speed of the tiny and small presets (no image encoder, and tiny with a random dinov2_vits14), and
+the data loader alone (which must be >= 5x faster), on the CPU.
 
 Training: median time of optimizer steps (forward, backward, clip, AdamW) on decoded batches held in memory.
 Loader: batches per second out of ``train_loader`` (2 workers, decoding included) on sphere shards at the
-preset's resolution, after the first batch (worker start-up excluded).
+model's resolution, after the first batch (worker start-up excluded).
 """
 
 from __future__ import annotations
@@ -17,23 +18,24 @@ import torch
 from tests.model_shards import write_sphere_shards
 from wt_model.data import LoaderConfig, expand_shards, train_loader
 from wt_model.flow import FlowConfig, flow_loss
-from wt_model.models import PRESETS, build_model
+from wt_model.models import WTDiT, configure
 
-RUNS = {"tiny": dict(batch=8, steps=6), "small": dict(batch=1, steps=3)}
+RUNS = [("tiny", "none", dict(batch=8, steps=6)), ("tiny", "dinov2_vits14", dict(batch=8, steps=6)),
+        ("small", "none", dict(batch=1, steps=3))]
 
 
-def train_rate(preset: str, batch: dict, steps: int) -> float:
+def train_rate(cfg, batch: dict, steps: int) -> float:
     """Samples per second of full training steps (median step time)."""
     torch.manual_seed(0)
-    model = build_model(preset)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model = WTDiT(cfg)
+    opt = torch.optim.AdamW(model.denoiser_parameters(), lr=1e-4)
     gen, times = torch.Generator().manual_seed(0), []
     for i in range(steps + 1):
         t0 = time.perf_counter()
         loss, _ = flow_loss(model, batch, FlowConfig(), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.denoiser_parameters(), 1.0)
         opt.step()
         if i:  # the first step pays for allocation
             times.append(time.perf_counter() - t0)
@@ -53,19 +55,21 @@ def loader_rate(urls: list[str], cfg: LoaderConfig, batches: int) -> tuple[float
 
 def main() -> None:
     print(f"\nbench_train: samples/s (CPU, torch threads = {torch.get_num_threads()})")
-    print(f"{'preset':8s} {'res':>5s} {'batch':>5s} {'train':>10s} {'loader':>10s} {'loader/train':>13s}")
+    print(f"{'preset':8s} {'encoder':14s} {'res':>5s} {'batch':>5s} {'train':>10s} {'loader':>10s} "
+          f"{'loader/train':>13s}")
     with tempfile.TemporaryDirectory() as tmp:
-        for preset, run in RUNS.items():
-            cfg = PRESETS[preset]
-            folder = Path(tmp) / preset
-            write_sphere_shards(folder, views=48, shards=4, size=cfg.image_size, num_layers=cfg.num_layers)
+        for preset, encoder, run in RUNS:
+            cfg = configure(preset, encoder)[0]
+            folder = Path(tmp) / f"{preset}-{cfg.image_size}"
+            if not folder.exists():
+                write_sphere_shards(folder, views=48, shards=4, size=cfg.image_size, num_layers=cfg.num_layers)
             urls = expand_shards(str(folder / "*.tar"))
             lcfg = LoaderConfig(run["batch"], cfg.image_size, cfg.num_layers, num_workers=2, shuffle_buffer=16,
                                 epoch_samples=10_000)
             load, batch = loader_rate(urls, lcfg, batches=max(8, 96 // run["batch"]))
-            train = train_rate(preset, batch, run["steps"])
+            train = train_rate(cfg, batch, run["steps"])
             verdict = "ok" if load >= 5 * train else "TOO SLOW (< 5x)"
-            print(f"{preset:8s} {cfg.image_size:5d} {run['batch']:5d} {train:10.2f} {load:10.1f} "
+            print(f"{preset:8s} {encoder:14s} {cfg.image_size:5d} {run['batch']:5d} {train:10.2f} {load:10.1f} "
                   f"{load / train:12.1f}x {verdict}")
 
 
