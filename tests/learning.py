@@ -45,17 +45,22 @@ def random_encoder_file(path: Path, name: str = "dinov2_vits14", seed: int = 0) 
     return path
 
 
+def mean_pointmap_view_scores(pts: np.ndarray, valid: np.ndarray, scale: np.ndarray) -> list[dict]:
+    """The trivial baseline, view by view: every view of (N,K,3,H,W) normalised points ``pts`` (masks (N,K,H,W),
+    scales (N,)) predicted as their mean pointmap (valid where most views are valid), scored like the model."""
+    mean_pts = denormalise(pts.mean(0).transpose(0, 2, 3, 1))
+    mean_valid = np.logical_and.accumulate(valid.mean(0) > 0.5, axis=0)
+    return [score_view(mean_pts, mean_valid, denormalise(p.transpose(0, 2, 3, 1), s), v)
+            for p, v, s in zip(pts, valid, scale)]
+
+
 def mean_pointmap_scores(pattern: str, size: int = 64, num_layers: int = 4):
-    """The trivial baseline: every view predicted as the mean normalised training pointmap (valid where
-    most views are valid), scored like the model."""
+    """The mean-pointmap baseline over the views of ``pattern``'s shards, averaged like the model's scores."""
     batches = list(eval_loader(expand_shards(pattern), 64, size, num_layers))
     pts = torch.cat([b["points"] for b in batches]).numpy()  # (N,K,3,H,W)
     valid = torch.cat([b["valid"] for b in batches]).numpy()  # (N,K,H,W)
     scale = torch.cat([b["scale"] for b in batches]).numpy()
-    mean_pts = denormalise(pts.mean(0).transpose(0, 2, 3, 1))
-    mean_valid = np.logical_and.accumulate(valid.mean(0) > 0.5, axis=0)
-    gts = [denormalise(p.transpose(0, 2, 3, 1), s) for p, s in zip(pts, scale)]
-    return mean_scores([score_view(mean_pts, mean_valid, g, v) for g, v in zip(gts, valid)])
+    return mean_scores(mean_pointmap_view_scores(pts, valid, scale))
 
 
 def train_and_score(pattern: str, run: Path, steps: int = 400, extra: tuple[str, ...] = (),

@@ -14,13 +14,14 @@ import torch
 from PIL import Image
 
 from tests.clip_shards import clip_files, write_clip_shards
+from tests.learning import mean_pointmap_view_scores
 from tests.model_shards import write_sphere_shards
 from wt_model.cli import main
 from wt_model.clip_metrics import evaluate_clips, format_clip_report
 from wt_model.clips import ClipConfig, clip_eval_loader
-from wt_model.data import denormalise, expand_shards
+from wt_model.data import expand_shards
 from wt_model.flow import FlowConfig, flow_loss
-from wt_model.metrics import mean_scores, median_scores, score_view
+from wt_model.metrics import mean_scores, median_scores
 from wt_model.models import WTBlock, WTDiT, WTDiTConfig, rope_2d
 from wt_model.sampler import scale_between
 
@@ -253,10 +254,7 @@ def mean_pointmap_clip_scores(pattern: str, clips: ClipConfig, size: int = 64, n
     pts = torch.cat([b["points"].flatten(0, 1) for b in batches]).numpy()  # (N,K,3,H,W)
     valid = torch.cat([b["valid"].flatten(0, 1) for b in batches]).numpy()
     scale = torch.cat([b["scale"].repeat_interleave(b["points"].shape[1]) for b in batches]).numpy()
-    mean_pts = denormalise(pts.mean(0).transpose(0, 2, 3, 1))
-    mean_valid = np.logical_and.accumulate(valid.mean(0) > 0.5, axis=0)
-    scores = [score_view(mean_pts, mean_valid, denormalise(p.transpose(0, 2, 3, 1), s), v)
-              for p, v, s in zip(pts, valid, scale)]
+    scores = mean_pointmap_view_scores(pts, valid, scale)
     return mean_scores(scores), median_scores(scores)
 
 
