@@ -15,9 +15,10 @@ differently (``tracks_xyz``, ``intrinsics``), the code's names are used:
 - ``extrinsics_w2c`` (T, 4, 4) float64: world-to-camera per frame.
 
 The frames go beside the npz as ``{sequence}_c{clip}/{t:05d}.png`` (our ``rgb.png`` bytes, unchanged).
-TAPVid-3D stores them in the npz as ``images_jpeg_bytes``, an object array, which makes every reader load
-the file with ``allow_pickle=True``; ``--images-jpeg-bytes`` adds that array (JPEG, ``--jpeg-quality``) for
-tools that need it (``evaluate_model.py`` reads the frame size from it), at that cost.
+TAPVid-3D stores them in the npz as ``images_jpeg_bytes``, an object array (its readers load the file with
+pickle allowed); ``--images-jpeg-bytes`` adds that field (JPEG, ``--jpeg-quality``) for tools that need
+it (``evaluate_model.py`` reads the frame size from it) as a fixed-width bytes array (``S`` dtype): their
+readers get each frame's bytes as before, and the file still loads with ``allow_pickle=False``.
 
 ``--format pointodyssey`` writes PointOdyssey v1.2's per-sequence layout: ``{sequence}_c{clip}/anno.npz``
 with ``trajs_2d`` (T, N, 2) float32 pixels (centres at +0.5), ``trajs_3d`` (T, N, 3) float32 world,
@@ -218,9 +219,9 @@ class _Writer:
             return path
         arrays = tapvid3d_arrays(p.tracks, self.units)
         if self.embed:
-            images = np.empty(len(p.jpegs), dtype=object)
-            images[:] = [p.jpegs[t] for t in range(len(p.jpegs))]
-            arrays["images_jpeg_bytes"] = images
+            # fixed-width bytes, not TAPVid-3D's object array: loads without pickle, and each element is bytes
+            # to their readers (np.bytes_ drops trailing NULs; a JPEG ends with its EOI marker FF D9)
+            arrays["images_jpeg_bytes"] = np.array([p.jpegs[t] for t in range(len(p.jpegs))], dtype=np.bytes_)
         path = self.out / f"{p.prefix}.npz"
         np.savez(path, **arrays)
         return path
@@ -265,8 +266,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "pointodyssey: a folder per clip with anno.npz and rgbs/")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--images-jpeg-bytes", action="store_true",
-                        help="tapvid3d: also store the frames in the npz as TAPVid-3D's images_jpeg_bytes object "
-                             "array (readers then need np.load(..., allow_pickle=True)); default: files beside it")
+                        help="tapvid3d: also store the frames (JPEG) in the npz as TAPVid-3D's images_jpeg_bytes "
+                             "(a fixed-width bytes array: no pickle needed); default: files beside it")
     parser.add_argument("--units", choices=("world", "asset"), default="world",
                         help="world: the shard's world frame (unit box when assets.normalise was on); asset: "
                              "undo the normalisation (the asset files' own units)")
