@@ -18,8 +18,8 @@ from tests.learning import mean_pointmap_view_scores
 from tests.model_shards import write_sphere_shards
 from wt_model.cli import main
 from wt_model.clip_metrics import evaluate_clips, format_clip_report
-from wt_model.clips import ClipConfig, clip_eval_loader
-from wt_model.data import expand_shards
+from wt_model.clips import ClipConfig, clip_eval_loader, heldout_windows
+from wt_model.data import asset_of, expand_shards, is_heldout
 from wt_model.flow import FlowConfig, flow_loss
 from wt_model.metrics import mean_scores, median_scores
 from wt_model.models import WTBlock, WTDiT, WTDiTConfig, rope_2d
@@ -282,3 +282,24 @@ def test_tiny_4d_learns_the_builtin_sequences(builtin_clips, tmp_path):
     assert r.ratio < 1.0  # the clip run moves more like the tracks than the same weights frame by frame
     assert r.median.chamfer_all < 0.7 * base_median.chamfer_all and r.mean.empty_all <= 4
     assert r.mean.fscore_all > base.fscore_all + 0.15 and r.mean.iou > base.iou + 0.1
+
+
+def test_heldout_windows_are_whole_sequences_in_shard_order(builtin_clips):
+    """The held-out split of clips: windows of held-out sequences only, by the same asset rule as views, first
+    ``limit`` in shard order; none at fraction 0."""
+    urls, clips = expand_shards(builtin_clips), ClipConfig(length=2)
+
+    def keys(windows):
+        return [tuple(f["__key__"] for f in w["frames"]) for w in windows]
+
+    every, bad = heldout_windows(urls, clips, 1.0, 1000)
+    assert bad == 0 and len(every) > 2
+    first, bad = heldout_windows(urls, clips, 1.0, 2)
+    assert keys(first) == keys(every)[:2] and bad == 0
+    assert heldout_windows(urls, clips, 0.0, 1000) == ([], 0)
+    sequences = {asset_of(w["frames"][0]) for w in every}
+    assert len(sequences) >= 2
+    some, _ = heldout_windows(urls, clips, 0.5, 1000)
+    kept = {s for s in sequences if is_heldout(s, 0.5)}
+    assert 0 < len(kept) < len(sequences), sequences  # a split with both sides
+    assert keys(some) == keys(w for w in every if asset_of(w["frames"][0]) in kept)

@@ -51,6 +51,7 @@ from wt_model.data import (
     ShardInfo,
     asset_of,
     decode_view,
+    first_heldout,
     is_heldout,
     median_depth,
     train_loader,
@@ -262,21 +263,9 @@ def clip_train_loader(urls: list[str], cfg: LoaderConfig, clips: ClipConfig, epo
 def heldout_windows(urls: list[str], clips: ClipConfig, fraction: float, limit: int) -> tuple[list[dict], int]:
     """The first ``limit`` decodable undecoded windows of held-out sequences, in shard order (kept for the
     evaluations), and the number of undecodable ones skipped."""
-    out, bad = [], 0
-    if fraction <= 0 or limit <= 0:
-        return out, bad
-    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), window_samples(clips))
-    for w in pipeline:
-        if is_heldout(asset_of(w["frames"][0]), fraction):
-            try:
-                decode_window(w, 8, 1)
-            except DataError:
-                bad += 1
-                continue
-            out.append(w)
-            if len(out) >= limit:
-                break
-    return out, bad
+    windows = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), window_samples(clips))
+    return first_heldout(windows, lambda w: asset_of(w["frames"][0]), lambda w: decode_window(w, 8, 1),
+                         fraction, limit)
 
 
 def window_batches(windows, batch_size: int, image_size: int, num_layers: int, norm: Normalisation | None = None,

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from itertools import count, islice
 from pathlib import Path
@@ -281,23 +282,31 @@ def probe_shards(urls: list[str], image_size: int) -> ShardInfo:
     raise DataError(f"shards ({len(urls)} files from {urls[0]}): no sample holds layers.npz")
 
 
-def collect_heldout(urls: list[str], fraction: float, limit: int) -> tuple[list[dict], int]:
-    """The raw bytes of the first ``limit`` decodable held-out layered views, in shard order (kept in memory,
-    decoded at every evaluation), and the number of undecodable ones skipped."""
+def first_heldout(items: Iterable[dict], asset: Callable[[dict], str], check: Callable[[dict], object],
+                  fraction: float, limit: int) -> tuple[list[dict], int]:
+    """The first ``limit`` items of held-out assets (``asset(item)`` names it) that ``check`` decodes without a
+    DataError, in order, and the number skipped as undecodable; none when ``fraction`` or ``limit`` is 0."""
     out, bad = [], 0
     if fraction <= 0 or limit <= 0:
         return out, bad
-    for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
-        if has_layers(sample) and is_heldout(asset_of(sample), fraction):
+    for item in items:
+        if is_heldout(asset(item), fraction):
             try:
-                decode_points(sample, 1)
+                check(item)
             except DataError:
                 bad += 1
                 continue
-            out.append(sample)
+            out.append(item)
             if len(out) >= limit:
                 break
     return out, bad
+
+
+def collect_heldout(urls: list[str], fraction: float, limit: int) -> tuple[list[dict], int]:
+    """The raw bytes of the first ``limit`` decodable held-out layered views, in shard order (kept in memory,
+    decoded at every evaluation), and the number of undecodable ones skipped."""
+    samples = (s for s in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()) if has_layers(s))
+    return first_heldout(samples, asset_of, lambda s: decode_points(s, 1), fraction, limit)
 
 
 # ----------------------------------------------------------------------------- streaming
