@@ -137,3 +137,46 @@ def test_features_equal_timms(small_encoder, name, timm_name, tmp_path):
     assert torch.allclose(small_encoder(rgb), theirs, atol=1e-5)
     assert set(ref.state_dict()) == set(small_encoder.backbone.state_dict())
     assert ENCODERS[name].width == ref.embed_dim
+
+
+def hf_state_dict(backbone) -> dict[str, torch.Tensor]:
+    """Our (timm / Meta named) DINOv2 weights renamed for Hugging Face's ``Dinov2Model`` (q, k, v split)."""
+    out = {"embeddings.cls_token": backbone.cls_token, "embeddings.position_embeddings": backbone.pos_embed,
+           "embeddings.mask_token": torch.zeros(1, backbone.cls_token.shape[-1]),
+           "embeddings.patch_embeddings.projection.weight": backbone.patch_embed.proj.weight,
+           "embeddings.patch_embeddings.projection.bias": backbone.patch_embed.proj.bias,
+           "layernorm.weight": backbone.norm.weight, "layernorm.bias": backbone.norm.bias}
+    for i, blk in enumerate(backbone.blocks):
+        hf = f"encoder.layer.{i}."
+        for q, t in zip(("q_proj", "k_proj", "v_proj"), blk.attn.qkv.weight.chunk(3)):
+            out[hf + f"attention.{q}.weight"] = t
+        for q, t in zip(("q_proj", "k_proj", "v_proj"), blk.attn.qkv.bias.chunk(3)):
+            out[hf + f"attention.{q}.bias"] = t
+        ours = {"norm1": blk.norm1, "norm2": blk.norm2, "attention.o_proj": blk.attn.proj, "mlp.fc1": blk.mlp.fc1,
+                "mlp.fc2": blk.mlp.fc2}
+        for name, mod in ours.items():
+            out[hf + name + ".weight"], out[hf + name + ".bias"] = mod.weight, mod.bias
+        out[hf + "layer_scale1.lambda1"], out[hf + "layer_scale2.lambda1"] = blk.ls1.gamma, blk.ls2.gamma
+    return out
+
+
+def test_features_equal_hugging_faces_dinov2(small_encoder):
+    """A second engine that runs here (timm's needs a torchvision this CPU torch lacks): Hugging Face's
+    Dinov2Model given the same weights gives the same last four blocks' patch tokens after the final norm, on
+    the backbone's own 37 x 37 grid (518 px, no position resampling). Every weight is used (strict load)."""
+    transformers = pytest.importorskip("transformers")
+    spec = ENCODERS["dinov2_vits14"]
+    config = transformers.Dinov2Config(hidden_size=spec.width, num_hidden_layers=spec.depth,
+                                       num_attention_heads=spec.heads, intermediate_size=4 * spec.width,
+                                       patch_size=spec.patch, image_size=spec.grid * spec.patch, layer_norm_eps=1e-6)
+    ref = transformers.Dinov2Model(config).eval()
+    ref.load_state_dict(hf_state_dict(small_encoder.backbone), strict=True)
+    rgb = torch.rand(1, 3, 518, 518) * 2 - 1
+    x = ((rgb + 1) / 2 - small_encoder.mean) / small_encoder.std
+    with torch.no_grad():
+        hidden = ref(pixel_values=x, output_hidden_states=True).hidden_states  # embeddings, then each block
+        theirs = torch.cat([ref.layernorm(h)[:, 1:] for h in hidden[-4:]], dim=-1)
+        ours = small_encoder(rgb)
+    assert ours.shape == theirs.shape == (1, 37 * 37, 4 * spec.width)
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+    assert (ours - theirs).abs().max() < 1e-3 * theirs.abs().max()
