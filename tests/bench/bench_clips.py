@@ -18,24 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tests.bench.bench_train import step_time
 from tests.clip_shards import clip_files, write_clip_shards
 from wt_model.clips import ClipConfig, clip_train_loader
 from wt_model.data import LoaderConfig, expand_shards
-from wt_model.flow import FlowConfig, flow_loss
 from wt_model.models import PRESETS, WTDiT
 
 T = 4
 RUNS = {"tiny": dict(batch=2, steps=6), "small": dict(batch=1, steps=3)}
-
-
-def step_time(model, opt, batch: dict, gen) -> float:
-    t0 = time.perf_counter()
-    loss, _ = flow_loss(model, batch, FlowConfig(), gen)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    return time.perf_counter() - t0
 
 
 def train_rates(preset: str, batch: dict, steps: int) -> tuple[float, float]:

@@ -24,21 +24,24 @@ RUNS = [("tiny", "none", dict(batch=8, steps=6)), ("tiny", "dinov2_vits14", dict
         ("small", "none", dict(batch=1, steps=3))]
 
 
+def step_time(model, opt, batch: dict, gen) -> float:
+    """Seconds of one full training step (flow loss, backward, clipped gradients, optimizer step)."""
+    t0 = time.perf_counter()
+    loss, _ = flow_loss(model, batch, FlowConfig(), gen)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.denoiser_parameters(), 1.0)
+    opt.step()
+    return time.perf_counter() - t0
+
+
 def train_rate(cfg, batch: dict, steps: int) -> float:
     """Samples per second of full training steps (median step time)."""
     torch.manual_seed(0)
     model = WTDiT(cfg)
     opt = torch.optim.AdamW(model.denoiser_parameters(), lr=1e-4)
-    gen, times = torch.Generator().manual_seed(0), []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        loss, _ = flow_loss(model, batch, FlowConfig(), gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.denoiser_parameters(), 1.0)
-        opt.step()
-        if i:  # the first step pays for allocation
-            times.append(time.perf_counter() - t0)
+    gen = torch.Generator().manual_seed(0)
+    times = [step_time(model, opt, batch, gen) for _ in range(steps + 1)][1:]  # the first pays for allocation
     return len(batch["rgb"]) / statistics.median(times)
 
 
